@@ -1,0 +1,3 @@
+"""prefloop: iterative length-regularised DPO and the preference-optimisation family."""
+
+__version__ = "0.1.0"

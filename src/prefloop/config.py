@@ -1,0 +1,318 @@
+"""Typed configuration: dataclasses, YAML loading, dotted overrides, validation.
+
+Every error names the offending key and lists the valid ones. A loss's parameters live
+under `loss:` next to its `name` and are checked against the loss registry, so an option
+that does not apply to the chosen loss is refused rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefloop.errors import PrefloopError
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    split: str = "train"
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    truncation: str = "truncate"  # truncate | skip | error
+
+
+@dataclass
+class LossConfig:
+    name: str = "lr_dpo"
+    length_unit: str = "tokens"  # tokens | chars, for the length margin of lr_dpo
+    params: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class TrainingConfig:
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 8  # pairs per device per micro-step
+    grad_accum: int = 1
+    lr: float = 5e-7
+    scheduler: str = "linear"  # any transformers scheduler name: linear, cosine, constant_with_warmup…
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    layout: str = "shared_prompt"  # shared_prompt | padded
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 0  # steps between checkpoints, 0 = only the final model
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class TrainConfig:
+    """`prefloop train`: offline preference training."""
+
+    model: str = ""
+    reference: str = ""  # empty: the initial policy
+    teacher: str = ""  # daDPO only: a teacher sharing the policy's tokenizer
+    output_dir: str = "runs/train"
+    trust_remote_code: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb
+
+    def validate(self) -> None:
+        from prefloop.losses import LOSSES
+
+        if not self.model:
+            raise PrefloopError("model: required (a hub id or a local model directory)")
+        if not self.data.path:
+            raise PrefloopError("data.path: required (jsonl, parquet, dataset dir or hub id)")
+        validate_loss(self.loss)
+        spec = LOSSES[self.loss.name]
+        if spec.reference_free and self.reference:
+            raise PrefloopError(f"reference: loss {self.loss.name!r} uses no reference model")
+        if ("teacher" in spec.needs) != bool(self.teacher):
+            raise PrefloopError(
+                f"teacher: loss {self.loss.name!r} "
+                + ("needs a teacher model" if "teacher" in spec.needs else "uses no teacher")
+            )
+        _choice("data.truncation", self.data.truncation, ("truncate", "skip", "error"))
+        _choice("training.precision", self.training.precision, ("fp32", "bf16", "fp16"))
+        _choice("training.layout", self.training.layout, ("shared_prompt", "padded"))
+        t = self.training
+        for name in ("batch_size", "grad_accum"):
+            if getattr(t, name) < 1:
+                raise PrefloopError(f"training.{name}: must be ≥ 1, got {getattr(t, name)}")
+        if t.epochs <= 0 and t.max_steps <= 0:
+            raise PrefloopError("training.epochs or training.max_steps must be positive")
+        if not 0 <= t.warmup_ratio < 1:
+            raise PrefloopError(f"training.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+        if self.data.max_prompt_length >= self.data.max_length:
+            raise PrefloopError("data.max_prompt_length must be smaller than data.max_length")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise PrefloopError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def validate_loss(loss: LossConfig) -> None:
+    from prefloop.losses import LOSSES
+
+    if loss.name not in LOSSES:
+        raise PrefloopError(
+            f"loss.name: unknown loss {loss.name!r}; valid losses: {', '.join(sorted(LOSSES))}"
+        )
+    _choice("loss.length_unit", loss.length_unit, ("tokens", "chars"))
+    valid = LOSSES[loss.name].defaults
+    for key, value in loss.params.items():
+        if key not in valid:
+            raise PrefloopError(
+                f"loss.{key}: not a parameter of loss {loss.name!r}; "
+                f"its parameters: {', '.join(sorted(valid)) or 'none'}"
+            )
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise PrefloopError(f"loss.{key}: expected a number, got {value!r}")
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise PrefloopError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except PrefloopError as e:
+                errors.append(str(e))
+        raise PrefloopError(f"{key}: {value!r} does not match {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise PrefloopError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple:
+            if len(value) != len(args):
+                raise PrefloopError(f"{key}: expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+        return [_coerce(v, args[0], key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PrefloopError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PrefloopError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PrefloopError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise PrefloopError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise PrefloopError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `raw`, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    raw = dict(raw)
+    if cls is LossConfig:
+        # everything under loss: besides name/length_unit is a parameter of the loss
+        params = dict(raw.pop("params", {}) or {})
+        params.update({k: raw.pop(k) for k in list(raw) if k not in fields})
+        raw["params"] = params
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise PrefloopError(
+                f"{prefix}{key}: unknown config key; valid keys here: {', '.join(sorted(fields))}"
+            )
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    out = dataclasses.asdict(cfg)
+
+    def flatten_loss(d: dict) -> None:
+        for key, value in d.items():
+            if isinstance(value, dict):
+                if "params" in value and "length_unit" in value and "name" in value:
+                    params = value.pop("params")
+                    value.update(params)
+                flatten_loss(value)
+
+    flatten_loss(out)
+    return _plain(out)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["training.lr=1e-6", "loss.name=dpo"]` → nested dict; values parsed as YAML."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise PrefloopError(f"override {item!r}: expected KEY=VALUE with a dotted key")
+        key, _, text = item.partition("=")
+        value = yaml.safe_load(text) if text else ""
+        if isinstance(value, str) and _looks_numeric(value):
+            value = float(value)
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise PrefloopError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _looks_numeric(text: str) -> bool:
+    # YAML 1.1 reads "1e-6" as a string; users mean a number
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _numbers_from_yaml(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _numbers_from_yaml(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_numbers_from_yaml(v) for v in obj]
+    if isinstance(obj, str) and _looks_numeric(obj) and obj.strip().lower() not in ("nan", "inf"):
+        return float(obj) if any(c in obj for c in ".eE") else int(obj)
+    return obj
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+    """Load `cls` from a YAML file (optional) plus dotted `overrides`, then validate it."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise PrefloopError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise PrefloopError(f"{path}: not valid YAML ({e})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise PrefloopError(f"{path}: expected a mapping at the top level")
+        raw = _numbers_from_yaml(loaded or {})
+    raw = merge(raw, parse_overrides(list(overrides)))
+    try:
+        cfg = from_dict(cls, raw)
+    except PrefloopError as e:
+        raise PrefloopError(f"{path}: {e}" if path else str(e)) from None
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def config_hash(cfg: Any) -> str:
+    text = json.dumps(to_dict(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,353 @@
+"""Loading preference and prompt data, chat templating, and tokenisation with response masks.
+
+Preference rows follow TRL's conventions: `prompt`, `chosen`, `rejected`, each either a
+string or a list of chat messages (`{"role": ..., "content": ...}`). A row whose
+`prompt` is absent but whose `chosen`/`rejected` conversations share a prefix has that
+prefix taken as the prompt ("implicit prompt").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefloop.errors import PrefloopError, where
+
+Message = dict[str, str]
+Text = str | list[Message]
+
+
+# ---------------------------------------------------------------- loading rows
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file; a malformed line is reported with its line number."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrefloopError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise PrefloopError(f"{path}, line {lineno}: expected a JSON object per line")
+            rows.append(row)
+    return rows
+
+
+def load_rows(source: str | Path, split: str = "train") -> list[dict]:
+    """Rows from a .jsonl/.json/.parquet file, a `save_to_disk` directory, or a hub dataset id."""
+    path = Path(source)
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and path.is_file()):
+        if not path.is_file():
+            raise PrefloopError(f"{source}: file not found")
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            if not isinstance(data, list):
+                raise PrefloopError(f"{source}: expected a JSON list of objects")
+            return data
+        return read_jsonl(path)
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise PrefloopError(f"{source}: file not found")
+        import datasets
+
+        return list(datasets.Dataset.from_parquet(str(path)))
+    if path.is_dir():
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise PrefloopError(f"{source}: no split {split!r}; has {sorted(loaded)}")
+            loaded = loaded[split]
+        return list(loaded)
+    if path.exists() or str(source).startswith((".", "/")) or "/" not in str(source):
+        raise PrefloopError(f"{source}: not a .jsonl/.json/.parquet file or dataset directory")
+    import datasets  # a hub id such as "org/name"
+
+    return list(datasets.load_dataset(str(source), split=split))
+
+
+# ---------------------------------------------------------------- preference records
+
+
+@dataclass
+class PreferenceExample:
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    row: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+# Optional per-pair fields that some losses read (written by the loop's pairing stage).
+EXTRA_FIELDS = {
+    "chosen_target": float,  # SPPO: estimated win probability of y_w
+    "rejected_target": float,
+    "reference_sample": str,  # XPO: which response ("chosen"/"rejected") the reference sampled
+}
+
+
+def _extras(row: dict, source: str, i: int) -> dict[str, Any]:
+    out = {}
+    for name, kind in EXTRA_FIELDS.items():
+        if row.get(name) is None:
+            continue
+        value = row[name]
+        if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise PrefloopError(f"{where(source, i, name)}: expected a number, got {value!r}")
+        if name == "reference_sample" and value not in ("chosen", "rejected"):
+            raise PrefloopError(f"{where(source, i, name)}: must be 'chosen' or 'rejected'")
+        out[name] = value
+    return out
+
+
+def _check_text(value: Any, source: str, row: int, name: str) -> Text:
+    if isinstance(value, str):
+        if not value.strip():
+            raise PrefloopError(f"{where(source, row, name)}: empty text")
+        return value
+    if isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    ):
+        return value
+    raise PrefloopError(
+        f"{where(source, row, name)}: expected a non-empty string or a list of "
+        f"{{'role', 'content'}} messages, got {type(value).__name__}"
+    )
+
+
+def _split_implicit_prompt(chosen: list[Message], rejected: list[Message]):
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def preference_examples(
+    rows: Sequence[dict],
+    source: str = "<data>",
+    prompt_column: str = "prompt",
+    chosen_column: str = "chosen",
+    rejected_column: str = "rejected",
+) -> list[PreferenceExample]:
+    """Validate rows into examples; errors name the source, row and field."""
+    if not rows:
+        raise PrefloopError(f"{source}: no rows")
+    examples, kinds = [], set()
+    for i, row in enumerate(rows):
+        for col in (chosen_column, rejected_column):
+            if col not in row:
+                raise PrefloopError(
+                    f"{where(source, i, col)}: missing column; row has {sorted(row)} "
+                    f"(map columns with data.chosen_column/rejected_column/prompt_column)"
+                )
+        chosen = _check_text(row[chosen_column], source, i, chosen_column)
+        rejected = _check_text(row[rejected_column], source, i, rejected_column)
+        if prompt_column in row and row[prompt_column] is not None:
+            prompt = _check_text(row[prompt_column], source, i, prompt_column)
+        elif isinstance(chosen, list) and isinstance(rejected, list):
+            prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
+            if not prompt or not chosen or not rejected:
+                raise PrefloopError(
+                    f"{where(source, i, prompt_column)}: missing, and chosen/rejected share no "
+                    "prompt prefix"
+                )
+        else:
+            raise PrefloopError(f"{where(source, i, prompt_column)}: missing column")
+        kind = tuple(isinstance(x, list) for x in (prompt, chosen, rejected))
+        if kind[0] != kind[1] or kind[1] != kind[2]:
+            raise PrefloopError(
+                f"{where(source, i)}: prompt/chosen/rejected mix plain text and chat messages"
+            )
+        kinds.add(kind[0])
+        if len(kinds) > 1:
+            raise PrefloopError(
+                f"{where(source, i)}: mixes plain-text and conversational rows; use one format"
+            )
+        examples.append(PreferenceExample(prompt, chosen, rejected, i, _extras(row, source, i)))
+    return examples
+
+
+def load_preferences(
+    source: str | Path,
+    split: str = "train",
+    prompt_column: str = "prompt",
+    chosen_column: str = "chosen",
+    rejected_column: str = "rejected",
+) -> list[PreferenceExample]:
+    rows = load_rows(source, split)
+    return preference_examples(rows, str(source), prompt_column, chosen_column, rejected_column)
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+def _as_messages(response: Text) -> list[Message]:
+    return [{"role": "assistant", "content": response}] if isinstance(response, str) else response
+
+
+def render_prompt_response(tokenizer, prompt: Text, response: Text) -> tuple[str, str]:
+    """Split one conversation into (prompt text, response text) at the generation boundary.
+
+    Plain text: the prompt as is, the response followed by EOS. Messages: the tokenizer's
+    chat template, with the response being what the template adds after the generation
+    prompt.
+    """
+    if isinstance(prompt, str):
+        if isinstance(response, list):
+            response = "".join(m["content"] for m in response)
+        return prompt, response + (tokenizer.eos_token or "")
+    if not getattr(tokenizer, "chat_template", None):
+        raise PrefloopError(
+            "conversational data needs a tokenizer with a chat template; this tokenizer has "
+            "none (set tokenizer.chat_template or use plain-text columns)"
+        )
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(
+        list(prompt) + _as_messages(response), tokenize=False
+    )
+    if not full_text.startswith(prompt_text):
+        raise PrefloopError(
+            "the chat template renders the prompt differently with and without the response; "
+            "cannot locate the response tokens"
+        )
+    return prompt_text, full_text[len(prompt_text):]
+
+
+def encode_prompt(tokenizer, prompt: Text) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class TruncationStats:
+    """How many rows had their prompt or a response cut, or were skipped, and why."""
+
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+    skipped: int = 0
+    skipped_rows: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "prompts_truncated": self.prompts_truncated,
+            "responses_truncated": self.responses_truncated,
+            "skipped": self.skipped,
+            "skipped_rows": self.skipped_rows[:100],
+        }
+
+
+@dataclass
+class TokenizedPair:
+    """One preference pair as token ids; the prompt is shared by both responses."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    chosen_chars: int
+    rejected_chars: int
+    row: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+def _fit(
+    prompt_ids: list[int],
+    responses: list[list[int]],
+    max_length: int,
+    max_prompt_length: int,
+    policy: str,
+    stats: TruncationStats,
+    row: int,
+) -> tuple[list[int], list[list[int]]] | None:
+    """Apply the truncation policy to a prompt and its responses, counting every cut."""
+    longest = max(len(r) for r in responses)
+    fits = len(prompt_ids) <= max_prompt_length and len(prompt_ids) + longest <= max_length
+    if fits:
+        return prompt_ids, responses
+    if policy == "skip":
+        stats.skipped += 1
+        stats.skipped_rows.append(row)
+        return None
+    if policy == "error":
+        raise PrefloopError(
+            f"row {row}: {len(prompt_ids)} prompt + {longest} response tokens exceed "
+            f"max_prompt_length={max_prompt_length}/max_length={max_length} "
+            "(set data.truncation to 'truncate' or 'skip')"
+        )
+    if len(prompt_ids) > max_prompt_length:
+        # keep the end of the prompt: the question usually comes last
+        prompt_ids = prompt_ids[-max_prompt_length:]
+        stats.prompts_truncated += 1
+    room = max_length - len(prompt_ids)
+    if any(len(r) > room for r in responses):
+        stats.responses_truncated += 1
+        responses = [r[:room] for r in responses]
+    return prompt_ids, responses
+
+
+def tokenize_pairs(
+    examples: Sequence[PreferenceExample],
+    tokenizer,
+    max_length: int = 1024,
+    max_prompt_length: int = 512,
+    truncation: str = "truncate",
+) -> tuple[list[TokenizedPair], TruncationStats]:
+    """Tokenise prompt and both responses; responses carry EOS; truncation is counted.
+
+    truncation: `truncate` (cut the prompt's start, then the responses' ends), `skip`
+    (drop the pair, recording its row) or `error`.
+    """
+    if truncation not in ("truncate", "skip", "error"):
+        raise PrefloopError(f"truncation must be truncate, skip or error, not {truncation!r}")
+    stats = TruncationStats()
+    pairs = []
+    for ex in examples:
+        prompt_text, chosen_text = render_prompt_response(tokenizer, ex.prompt, ex.chosen)
+        _, rejected_text = render_prompt_response(tokenizer, ex.prompt, ex.rejected)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=isinstance(ex.prompt, str))[
+            "input_ids"
+        ]
+        chosen_ids = tokenizer(chosen_text, add_special_tokens=False)["input_ids"]
+        rejected_ids = tokenizer(rejected_text, add_special_tokens=False)["input_ids"]
+        fitted = _fit(
+            prompt_ids, [chosen_ids, rejected_ids], max_length, max_prompt_length, truncation,
+            stats, ex.row,
+        )
+        if fitted is None:
+            continue
+        prompt_ids, (chosen_ids, rejected_ids) = fitted
+        pairs.append(
+            TokenizedPair(
+                prompt_ids, chosen_ids, rejected_ids,
+                chosen_chars=len(response_text(ex.chosen)),
+                rejected_chars=len(response_text(ex.rejected)),
+                row=ex.row,
+                extras=ex.extras,
+            )
+        )
+    if not pairs:
+        raise PrefloopError("no preference pairs left after truncation (all were skipped)")
+    return pairs, stats
+
+
+def response_text(response: Text) -> str:
+    """The visible text of a response (message contents joined), for character lengths."""
+    if isinstance(response, str):
+        return response
+    return "".join(m["content"] for m in response if m.get("role") == "assistant") or "".join(
+        m["content"] for m in response
+    )

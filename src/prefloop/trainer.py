@@ -1,0 +1,386 @@
+"""Preference training on `accelerate`: one code path for 1 CPU, N processes, or N GPUs.
+
+    accelerate launch --num_processes N -m prefloop train CONFIG   # unchanged for N = 1
+
+Phases of `train_preferences`:
+  1. load policy, tokenizer and pairs; tokenise (truncation counted)
+  2. reference (and teacher) log-probs: one no-grad pass over the data, cached
+  3. per optimizer step: micro-batches → forward → loss → backward; clip; step; log
+  4. export an HF model directory atomically, with train_log.jsonl and a summary
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from prefloop import batching
+from prefloop.config import TrainConfig, config_hash, dump_yaml
+from prefloop.data import TokenizedPair, load_preferences, tokenize_pairs
+from prefloop.errors import PrefloopError
+from prefloop.logprobs import (
+    ResponseBatch,
+    ResponseLogProbs,
+    collate_pairs,
+    response_logits,
+    sum_by_sequence,
+    token_logps_from_logits,
+)
+from prefloop.losses import LOSSES, PreferenceLogps, compute_loss
+from prefloop.models import apply_lora, count_parameters, export_model, load_causal_lm
+from prefloop.models import load_tokenizer
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    pairs_seen: int
+    seconds: float
+    log: list[dict] = field(default_factory=list)
+    truncation: dict = field(default_factory=dict)
+    is_main_process: bool = True
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs_seen / self.seconds if self.seconds else 0.0
+
+
+# ---------------------------------------------------------------- cached no-grad passes
+
+
+@torch.no_grad()
+def pair_logps_no_grad(
+    model: nn.Module, pairs: list[TokenizedPair], pad_id: int, layout: str, batch_size: int,
+    accelerator=None,
+) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) summed log-probs of every pair under `model`, sharded over processes."""
+    from accelerate.utils import gather_object
+
+    n_proc = accelerator.num_processes if accelerator else 1
+    rank = accelerator.process_index if accelerator else 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)[rank::n_proc]
+    local: list[tuple[int, float, float]] = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate_pairs([pairs[i] for i in idx], pad_id, layout).to(device)
+        seq = sum_by_sequence(token_logps_from_logits(response_logits(model, batch), batch.target),
+                              batch).float().cpu()
+        b = len(idx)
+        local += [(i, seq[k].item(), seq[b + k].item()) for k, i in enumerate(idx)]
+    model.train(was_training)
+    rows = gather_object(local) if n_proc > 1 else local
+    chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    for i, c, r in rows:
+        chosen[i], rejected[i] = c, r
+    return chosen, rejected
+
+
+# ---------------------------------------------------------------- one micro-batch
+
+
+def _lengths(pairs: list[TokenizedPair], unit: str) -> tuple[Tensor, Tensor]:
+    if unit == "chars":
+        return (torch.tensor([float(p.chosen_chars) for p in pairs]),
+                torch.tensor([float(p.rejected_chars) for p in pairs]))
+    return (torch.tensor([float(len(p.chosen_ids)) for p in pairs]),
+            torch.tensor([float(len(p.rejected_ids)) for p in pairs]))
+
+
+def _extra(pairs: list[TokenizedPair], name: str, loss: str) -> Tensor:
+    try:
+        return torch.tensor([float(p.extras[name]) for p in pairs])
+    except KeyError:
+        raise PrefloopError(f"loss {loss!r} needs a {name!r} column in the data") from None
+
+
+def token_kl(ref_logits: Tensor, policy_logits: Tensor) -> Tensor:
+    """(T,) KL(π_ref ‖ π_θ) per response token from full-vocabulary logits."""
+    ref_logp = ref_logits.log_softmax(-1)
+    return (ref_logp.exp() * (ref_logp - policy_logits.log_softmax(-1))).sum(-1)
+
+
+def batch_logps(
+    wrapped: nn.Module,
+    batch: ResponseBatch,
+    pairs: list[TokenizedPair],
+    idx: list[int],
+    spec,
+    unit: str,
+    cache: dict[str, Tensor],
+    reference: nn.Module | None,
+) -> PreferenceLogps:
+    """Everything the loss needs for these pairs: one policy forward for chosen+rejected."""
+    b = len(idx)
+    needs = spec.needs
+    if "token_kl" in needs:
+        token_logps, logits = wrapped(batch, return_logits=True)
+    else:
+        token_logps, logits = wrapped(batch), None
+    seq = sum_by_sequence(token_logps, batch)
+    counts = batch.token_counts().to(seq.device)
+    out = PreferenceLogps(policy_chosen=seq[:b], policy_rejected=seq[b:])
+    dev = seq.device
+    if "token_kl" in needs:
+        with torch.no_grad():
+            ref_logits = response_logits(reference, batch)
+            ref_seq = sum_by_sequence(token_logps_from_logits(ref_logits, batch.target), batch)
+        kl = sum_by_sequence(token_kl(ref_logits, logits), batch)
+        out.ref_chosen, out.ref_rejected = ref_seq[:b], ref_seq[b:]
+        out.chosen_kl, out.rejected_kl = kl[:b], kl[b:]
+    elif "reference" in needs:
+        out.ref_chosen = cache["ref_chosen"][idx].to(dev)
+        out.ref_rejected = cache["ref_rejected"][idx].to(dev)
+    if "teacher" in needs:
+        out.teacher_chosen = cache["teacher_chosen"][idx].to(dev)
+        out.teacher_rejected = cache["teacher_rejected"][idx].to(dev)
+    out.chosen_tokens, out.rejected_tokens = counts[:b], counts[b:]
+    chosen_len, rejected_len = _lengths([pairs[i] for i in idx], unit)
+    out.chosen_lengths, out.rejected_lengths = chosen_len.to(dev), rejected_len.to(dev)
+    if "targets" in needs:
+        out.chosen_target = _extra([pairs[i] for i in idx], "chosen_target", spec.name).to(dev)
+        out.rejected_target = _extra([pairs[i] for i in idx], "rejected_target", spec.name).to(dev)
+    if "explore" in needs:
+        which = [pairs[i].extras.get("reference_sample") for i in idx]
+        if None in which:
+            raise PrefloopError(f"loss {spec.name!r} needs a 'reference_sample' column")
+        from_ref_chosen = torch.tensor([w == "chosen" for w in which], device=dev)
+        out.explore_logps = torch.where(from_ref_chosen, seq[:b], seq[b:])
+    return out
+
+
+# ---------------------------------------------------------------- the training run
+
+
+def _prepare_output(output_dir: Path, main: bool) -> Path:
+    partial = output_dir.parent / f".{output_dir.name}.partial"
+    if main:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    return partial
+
+
+def train_preferences(
+    cfg: TrainConfig,
+    pairs: list[TokenizedPair] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `cfg.model` on preference pairs; returns where the model was written and the log."""
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    cfg.validate()
+    t_cfg = cfg.training
+    spec = LOSSES[cfg.loss.name]
+    accelerator = _accelerator(t_cfg.precision, cfg.report_to, cfg.output_dir)
+    main = accelerator.is_main_process
+    set_seed(t_cfg.seed)
+    output_dir = Path(cfg.output_dir)
+
+    # 1. policy, tokenizer, pairs -------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    policy = load_causal_lm(cfg.model, cfg.trust_remote_code)
+    truncation = {}
+    if pairs is None:
+        examples = load_preferences(
+            cfg.data.path, cfg.data.split, cfg.data.prompt_column, cfg.data.chosen_column,
+            cfg.data.rejected_column,
+        )
+        pairs, stats = tokenize_pairs(
+            examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length,
+            cfg.data.truncation,
+        )
+        truncation = stats.as_dict()
+    pad_id = tokenizer.pad_token_id
+    device = accelerator.device
+    policy.to(device)
+
+    # 2. reference / teacher log-probs: once, no grad ---------------------------------------------
+    cache: dict[str, Tensor] = {}
+    reference = None
+    if "token_kl" in spec.needs:
+        reference = load_causal_lm(cfg.reference) if cfg.reference else copy.deepcopy(policy)
+        reference.to(device).eval().requires_grad_(False)
+    elif "reference" in spec.needs:
+        ref_model = load_causal_lm(cfg.reference).to(device) if cfg.reference else policy
+        cache["ref_chosen"], cache["ref_rejected"] = pair_logps_no_grad(
+            ref_model, pairs, pad_id, t_cfg.layout, t_cfg.batch_size * 2, accelerator
+        )
+        del ref_model
+    if "teacher" in spec.needs:
+        teacher = load_causal_lm(cfg.teacher).to(device)
+        cache["teacher_chosen"], cache["teacher_rejected"] = pair_logps_no_grad(
+            teacher, pairs, pad_id, t_cfg.layout, t_cfg.batch_size * 2, accelerator
+        )
+        del teacher
+
+    # 3. optimisation ------------------------------------------------------------------------------
+    if t_cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t_cfg.lora.enabled:
+        lora = t_cfg.lora
+        policy = apply_lora(policy, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    policy.train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=t_cfg.lr, betas=t_cfg.adam_betas, weight_decay=t_cfg.weight_decay
+    )
+    global_batch = t_cfg.batch_size * accelerator.num_processes
+    per_epoch = batching.steps_per_epoch(len(pairs), global_batch, t_cfg.grad_accum)
+    total_steps = t_cfg.max_steps or max(1, math.ceil(per_epoch * t_cfg.epochs))
+    scheduler = get_scheduler(
+        t_cfg.scheduler, optimizer, num_warmup_steps=int(t_cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    wrapped, optimizer = accelerator.prepare(ResponseLogProbs(policy), optimizer)
+    params_trainable, params_total = count_parameters(policy)
+    if cfg.report_to:
+        accelerator.init_trackers("prefloop", config={"config_hash": config_hash(cfg)})
+
+    partial = _prepare_output(output_dir, main)
+    accelerator.wait_for_everyone()
+    log_path = partial / "train_log.jsonl"
+    loss_params = dict(cfg.loss.params)
+    lengths = [p.length for p in pairs]
+
+    def micro_batches():
+        epoch = 0
+        while True:
+            for b in batching.epoch_batches(lengths, global_batch, t_cfg.seed, epoch,
+                                            t_cfg.group_by_length):
+                yield epoch, b
+            epoch += 1
+
+    stream = micro_batches()
+    bar = _progress(total_steps, progress and main)
+    log: list[dict] = []
+    pairs_seen, start = 0, time.perf_counter()
+    for step in range(1, total_steps + 1):
+        sums = {k: 0.0 for k in ("loss", "chosen_reward", "rejected_reward", "accuracy",
+                                 "chosen_logps", "rejected_logps", "chosen_length",
+                                 "rejected_length")}
+        step_pairs = 0
+        for micro in range(t_cfg.grad_accum):
+            epoch, global_idx = next(stream)
+            idx = batching.shard(global_idx, accelerator.process_index,
+                                 accelerator.num_processes)
+            batch = collate_pairs([pairs[i] for i in idx], pad_id, t_cfg.layout).to(device)
+            # the loss is a sum scaled so that DDP's mean over processes and the sum over
+            # micro-batches give the mean over every pair of the optimizer step
+            scale = accelerator.num_processes / (len(global_idx) * t_cfg.grad_accum)
+            sync = micro == t_cfg.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
+            with ctx, accelerator.autocast():
+                logps = batch_logps(wrapped, batch, pairs, idx, spec, cfg.loss.length_unit,
+                                    cache, reference)
+                out = compute_loss(cfg.loss.name, logps, **loss_params)
+                loss = out.losses.sum() * scale
+                if not torch.isfinite(loss):
+                    rows = [pairs[i].row for i in idx]
+                    raise PrefloopError(
+                        f"non-finite loss at step {step}, micro-batch {micro}, data rows {rows}; "
+                        f"no checkpoint written past step {step - 1}"
+                    )
+                accelerator.backward(loss)
+            stats = torch.stack([
+                out.losses.detach().float(), out.chosen_rewards.float(),
+                out.rejected_rewards.float(),
+                (out.chosen_rewards > out.rejected_rewards).float(),
+                logps.policy_chosen.detach().float(), logps.policy_rejected.detach().float(),
+                logps.chosen_lengths.float(), logps.rejected_lengths.float(),
+            ], dim=1)  # (b, 8)
+            stats = accelerator.gather(stats) if accelerator.num_processes > 1 else stats
+            for k, v in zip(sums, stats.sum(0).tolist(), strict=True):
+                sums[k] += v
+            step_pairs += stats.shape[0]
+        grad_norm = accelerator.clip_grad_norm_(params, t_cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        pairs_seen += step_pairs
+        record = {k: v / step_pairs for k, v in sums.items()}
+        record["margin"] = record["chosen_reward"] - record["rejected_reward"]
+        record.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
+                      grad_norm=float(grad_norm), pairs=pairs_seen,
+                      seconds=time.perf_counter() - start)
+        log.append(record)
+        if main and (step % t_cfg.log_every == 0 or step == total_steps):
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if cfg.report_to:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
+            bar.update(1)
+        if t_cfg.save_every and step % t_cfg.save_every == 0 and step < total_steps and main:
+            export_model(_unwrapped_copy(accelerator, wrapped, t_cfg.lora.enabled), tokenizer,
+                         partial / f"checkpoint-{step}")
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+
+    # 4. export --------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if main:
+        model = accelerator.unwrap_model(wrapped).model
+        export_model(model, tokenizer, partial)
+        summary = {
+            "steps": total_steps, "pairs_seen": pairs_seen, "seconds": seconds,
+            "pairs_per_second": pairs_seen / seconds, "num_pairs": len(pairs),
+            "processes": accelerator.num_processes, "loss": cfg.loss.name,
+            "truncation": truncation, "trainable_parameters": params_trainable,
+            "total_parameters": params_total, "config_hash": config_hash(cfg),
+        }
+        (partial / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (partial / "train_config.yaml").write_text(dump_yaml(cfg))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        partial.rename(output_dir)
+    accelerator.wait_for_everyone()
+    if cfg.report_to:
+        accelerator.end_training()
+    return TrainResult(output_dir, total_steps, pairs_seen, seconds, log, truncation, main)
+
+
+def _accelerator(precision: str, report_to: list[str], project_dir: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed and AcceleratorState._shared_state:
+        # one process may train several times (the loop, tests) with different precisions
+        AcceleratorState._reset_state()
+    return Accelerator(
+        # accelerate picks gloo/MULTI_CPU for `accelerate launch` on CPU only when told
+        cpu=not torch.cuda.is_available() and distributed,
+        mixed_precision="no" if precision == "fp32" else precision,
+        log_with=report_to or None,
+        project_dir=project_dir,
+    )
+
+
+def _unwrapped_copy(accelerator, wrapped: nn.Module, lora: bool) -> nn.Module:
+    model = accelerator.unwrap_model(wrapped).model
+    return copy.deepcopy(model) if lora else model
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
