@@ -56,7 +56,7 @@ class TrainingConfig:
     batch_size: int = 8  # pairs per device per micro-step
     grad_accum: int = 1
     lr: float = 5e-7
-    scheduler: str = "linear"  # any transformers scheduler name: linear, cosine, constant_with_warmup…
+    scheduler: str = "linear"  # a transformers scheduler: linear, cosine, constant_with_warmup
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -217,7 +217,7 @@ def to_dict(cfg: Any) -> dict:
     out = dataclasses.asdict(cfg)
 
     def flatten_loss(d: dict) -> None:
-        for key, value in d.items():
+        for value in d.values():
             if isinstance(value, dict):
                 if "params" in value and "length_unit" in value and "name" in value:
                     params = value.pop("params")

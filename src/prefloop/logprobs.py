@@ -109,7 +109,7 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, layout: str = "sh
         # prompt's last column, the next ones from the previous rejected column
         src_row += [i] * (len(c) + len(r))
         src_col += list(range(n - 1, n - 1 + len(c)))
-        src_col += ([n - 1] + list(range(n + len(c), n + len(c) + len(r) - 1)))[: len(r)]
+        src_col += [n - 1, *range(n + len(c), n + len(c) + len(r) - 1)][: len(r)]
         target += list(c) + list(r)
         segment += [i] * len(c) + [b + i] * len(r)
     ids = _pad(rows, pad_id)

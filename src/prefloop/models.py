@@ -47,7 +47,8 @@ def load_causal_lm(
             attn_implementation="sdpa",
         )
     except (OSError, ValueError) as e:
-        raise PrefloopError(f"{name_or_path}: cannot load model ({str(e).splitlines()[0]})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PrefloopError(f"{name_or_path}: cannot load model ({reason})") from None
     return model
 
 

@@ -129,7 +129,7 @@ def synthetic_preferences(n: int, seed: int = 0, chat: bool = False, max_filler:
         wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
         prompt = f"What is {a} plus {b}?"
 
-        def answer(value: int) -> str:
+        def answer(value: int, a: int = a, b: int = b) -> str:
             filler = " ".join(rng.sample(_FILLER, rng.randint(0, max_filler)))
             return (filler + " " if filler else "") + f"{a} plus {b} is {value}."
 

@@ -37,8 +37,13 @@ from prefloop.logprobs import (
     token_logps_from_logits,
 )
 from prefloop.losses import LOSSES, PreferenceLogps, compute_loss
-from prefloop.models import apply_lora, count_parameters, export_model, load_causal_lm
-from prefloop.models import load_tokenizer
+from prefloop.models import (
+    apply_lora,
+    count_parameters,
+    export_model,
+    load_causal_lm,
+    load_tokenizer,
+)
 
 
 @dataclass
@@ -50,6 +55,12 @@ class TrainResult:
     log: list[dict] = field(default_factory=list)
     truncation: dict = field(default_factory=dict)
     is_main_process: bool = True
+    reference_seconds: float = 0.0  # the cached no-grad reference/teacher passes
+
+    @property
+    def total_seconds(self) -> float:
+        """Reference pass plus optimisation: the cost of training, loading excluded."""
+        return self.seconds + self.reference_seconds
 
     @property
     def pairs_per_second(self) -> float:
@@ -212,6 +223,7 @@ def train_preferences(
     # 2. reference / teacher log-probs: once, no grad ---------------------------------------------
     cache: dict[str, Tensor] = {}
     reference = None
+    ref_start = time.perf_counter()
     if "token_kl" in spec.needs:
         reference = load_causal_lm(cfg.reference) if cfg.reference else copy.deepcopy(policy)
         reference.to(device).eval().requires_grad_(False)
@@ -227,6 +239,7 @@ def train_preferences(
             teacher, pairs, pad_id, t_cfg.layout, t_cfg.batch_size * 2, accelerator
         )
         del teacher
+    reference_seconds = time.perf_counter() - ref_start
 
     # 3. optimisation ------------------------------------------------------------------------------
     if t_cfg.gradient_checkpointing:
@@ -341,6 +354,7 @@ def train_preferences(
         summary = {
             "steps": total_steps, "pairs_seen": pairs_seen, "seconds": seconds,
             "pairs_per_second": pairs_seen / seconds, "num_pairs": len(pairs),
+            "reference_seconds": reference_seconds,
             "processes": accelerator.num_processes, "loss": cfg.loss.name,
             "truncation": truncation, "trainable_parameters": params_trainable,
             "total_parameters": params_total, "config_hash": config_hash(cfg),
@@ -353,7 +367,8 @@ def train_preferences(
     accelerator.wait_for_everyone()
     if cfg.report_to:
         accelerator.end_training()
-    return TrainResult(output_dir, total_steps, pairs_seen, seconds, log, truncation, main)
+    return TrainResult(output_dir, total_steps, pairs_seen, seconds, log, truncation, main,
+                       reference_seconds)
 
 
 def _accelerator(precision: str, report_to: list[str], project_dir: str):
