@@ -72,12 +72,63 @@ class TrainingConfig:
 
 
 @dataclass
+class SamplingConfig:
+    num_samples: int = 4  # K responses per prompt
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    batch_size: int = 16  # prompts per generate call
+    num_beams: int = 1
+    seed: int = 0
+    record_logprobs: bool = True
+    # keep raw logits for log-probs only while batch × steps × vocab stays under this
+    logprob_budget_mb: int = 1024
+
+    def validate(self, key: str = "sampling") -> None:
+        if self.num_samples < 1:
+            raise PrefloopError(f"{key}.num_samples: must be ≥ 1, got {self.num_samples}")
+        if self.temperature < 0:
+            raise PrefloopError(f"{key}.temperature: must be ≥ 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PrefloopError(f"{key}.top_p: must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.num_beams < 1:
+            raise PrefloopError(f"{key}: max_new_tokens, batch_size and num_beams must be ≥ 1")
+        if self.num_beams > 1 and self.num_samples > self.num_beams:
+            raise PrefloopError(f"{key}.num_samples: beam search returns at most num_beams")
+
+
+@dataclass
+class RewardConfig:
+    type: str = "model"  # model | function | implicit
+    model: str = ""  # reward model (type: model) or the DPO policy (type: implicit)
+    reference: str = ""  # implicit reward's reference model
+    function: str = ""  # "module:function" (type: function)
+    beta: float = 0.1  # implicit reward scale
+    batch_size: int = 16
+    max_length: int = 2048
+
+    def validate(self, key: str = "reward") -> None:
+        if self.type not in ("model", "function", "implicit"):
+            raise PrefloopError(f"{key}.type: {self.type!r} is not one of model, function, implicit")
+        if self.type == "model" and not self.model:
+            raise PrefloopError(f"{key}.model: required for a reward model (hub id or directory)")
+        if self.type == "function" and ":" not in self.function:
+            raise PrefloopError(f"{key}.function: expected 'module:function', got {self.function!r}")
+        if self.type == "implicit" and not (self.model and self.reference):
+            raise PrefloopError(f"{key}: the implicit reward needs model and reference")
+
+
+@dataclass
 class TrainConfig:
     """`prefloop train`: offline preference training."""
 
     model: str = ""
     reference: str = ""  # empty: the initial policy
     teacher: str = ""  # daDPO only: a teacher sharing the policy's tokenizer
+    # use `chosen_ref_logps`/`rejected_ref_logps` carried by the pairs (sampling-time
+    # log-probs of the policy that is also the reference) instead of a reference pass
+    reuse_sampling_logps: bool = False
     output_dir: str = "runs/train"
     trust_remote_code: bool = False
     data: DataConfig = field(default_factory=DataConfig)

@@ -351,3 +351,56 @@ def response_text(response: Text) -> str:
     return "".join(m["content"] for m in response if m.get("role") == "assistant") or "".join(
         m["content"] for m in response
     )
+
+
+def pairs_from_rows(
+    rows: Sequence[dict],
+    tokenizer,
+    max_length: int = 1024,
+    max_prompt_length: int = 512,
+    truncation: str = "truncate",
+    source: str = "<pairs>",
+) -> tuple[list[TokenizedPair], TruncationStats]:
+    """Training pairs from pair rows that may already carry token ids.
+
+    Rows with `prompt_ids`/`chosen_ids`/`rejected_ids` (the loop's on-policy pairs) are
+    trained on exactly the sampled tokens; other rows (e.g. replayed offline pairs) are
+    tokenised. Sampling-time log-probs (`chosen_ref_logps`, `rejected_ref_logps`) ride along
+    as extras unless truncation cut the pair, which would make them stale.
+    """
+    stats = TruncationStats()
+    pairs: list[TokenizedPair] = []
+    plain = [i for i, r in enumerate(rows) if not all(
+        k in r for k in ("prompt_ids", "chosen_ids", "rejected_ids"))]
+    if plain:
+        examples = preference_examples([rows[i] for i in plain], source)
+        for ex, i in zip(examples, plain, strict=True):
+            ex.row = i
+        tokenized, tstats = tokenize_pairs(examples, tokenizer, max_length, max_prompt_length,
+                                           truncation)
+        pairs += tokenized
+        stats = tstats
+    plain_rows = set(plain)
+    for i, row in enumerate(rows):
+        if i in plain_rows:
+            continue
+        before = (len(row["prompt_ids"]), len(row["chosen_ids"]), len(row["rejected_ids"]))
+        fitted = _fit(list(row["prompt_ids"]), [list(row["chosen_ids"]), list(row["rejected_ids"])],
+                      max_length, max_prompt_length, truncation, stats, i)
+        if fitted is None:
+            continue
+        prompt_ids, (chosen_ids, rejected_ids) = fitted
+        extras = {k: row[k] for k in EXTRA_FIELDS if row.get(k) is not None}
+        cut = before != (len(prompt_ids), len(chosen_ids), len(rejected_ids))
+        if not cut and row.get("chosen_ref_logps") is not None:
+            extras["chosen_ref_logps"] = float(row["chosen_ref_logps"])
+            extras["rejected_ref_logps"] = float(row["rejected_ref_logps"])
+        pairs.append(TokenizedPair(
+            prompt_ids, chosen_ids, rejected_ids,
+            chosen_chars=len(row.get("chosen", "")), rejected_chars=len(row.get("rejected", "")),
+            row=i, extras=extras,
+        ))
+    if not pairs:
+        raise PrefloopError(f"{source}: no preference pairs left after truncation")
+    pairs.sort(key=lambda p: p.row)
+    return pairs, stats

@@ -64,3 +64,8 @@ def save_directory(target: str | Path, write: Callable[[Path], None]) -> Path:
     with atomic_path(target, directory=True) as tmp:
         write(tmp)
     return Path(target)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

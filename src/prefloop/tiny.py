@@ -149,3 +149,15 @@ def synthetic_corpus(n: int = 400, seed: int = 0) -> list[str]:
     """Texts to train a tokenizer that covers `synthetic_preferences`."""
     rows = synthetic_preferences(n, seed)
     return [r["prompt"] + r["chosen"] + " " + r["rejected"] for r in rows] + _FILLER
+
+
+def build_reward_model(arch: str, tokenizer, size: str = "nano", seed: int = 0):
+    """A randomly initialised sequence-classification reward model (one output)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = model_config(arch, len(tokenizer), size, num_labels=1)
+    cfg.pad_token_id = tokenizer.pad_token_id
+    cfg.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(cfg, attn_implementation="sdpa")

@@ -100,6 +100,27 @@ def pair_logps_no_grad(
     return chosen, rejected
 
 
+def reference_logps(
+    cfg: TrainConfig, policy: nn.Module, pairs: list[TokenizedPair], pad_id: int, accelerator
+) -> tuple[Tensor, Tensor]:
+    """Reference log-probs of every pair: reused from sampling where the pairs carry them
+    (the loop, reference = the sampling policy), else one no-grad pass over the rest."""
+    chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    missing = []
+    for i, p in enumerate(pairs):
+        if cfg.reuse_sampling_logps and "chosen_ref_logps" in p.extras:
+            chosen[i], rejected[i] = p.extras["chosen_ref_logps"], p.extras["rejected_ref_logps"]
+        else:
+            missing.append(i)
+    if missing:
+        ref_model = load_causal_lm(cfg.reference).to(accelerator.device) if cfg.reference \
+            else policy
+        c, r = pair_logps_no_grad(ref_model, [pairs[i] for i in missing], pad_id,
+                                  cfg.training.layout, cfg.training.batch_size * 2, accelerator)
+        chosen[missing], rejected[missing] = c, r
+    return chosen, rejected
+
+
 # ---------------------------------------------------------------- one micro-batch
 
 
@@ -228,11 +249,9 @@ def train_preferences(
         reference = load_causal_lm(cfg.reference) if cfg.reference else copy.deepcopy(policy)
         reference.to(device).eval().requires_grad_(False)
     elif "reference" in spec.needs:
-        ref_model = load_causal_lm(cfg.reference).to(device) if cfg.reference else policy
-        cache["ref_chosen"], cache["ref_rejected"] = pair_logps_no_grad(
-            ref_model, pairs, pad_id, t_cfg.layout, t_cfg.batch_size * 2, accelerator
+        cache["ref_chosen"], cache["ref_rejected"] = reference_logps(
+            cfg, policy, pairs, pad_id, accelerator
         )
-        del ref_model
     if "teacher" in spec.needs:
         teacher = load_causal_lm(cfg.teacher).to(device)
         cache["teacher_chosen"], cache["teacher_rejected"] = pair_logps_no_grad(

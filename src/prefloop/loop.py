@@ -1,0 +1,537 @@
+"""The iterative loop (iLR-DPO): sample → score → pair → train → evaluate, T times.
+
+    runs/NAME/
+      config.yaml  manifest.json  metrics.jsonl
+      iter_0/ eval_samples.jsonl eval.json                 (the initial policy)
+      iter_t/ samples.jsonl scored.jsonl pairs.jsonl policy/ eval_samples.jsonl eval.json
+
+Each stage reads the previous stage's artifact and writes its own atomically; the manifest
+marks it done. A stage already done is skipped, so `--resume` after a crash continues where
+it stopped and re-running a finished run does nothing. Under `accelerate launch`, sampling,
+scoring and evaluation are sharded over processes and training is data-parallel; every
+artifact is written by the main process only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefloop import io
+from prefloop.config import (
+    DataConfig,
+    LossConfig,
+    RewardConfig,
+    SamplingConfig,
+    TrainConfig,
+    TrainingConfig,
+    config_hash,
+    dump_yaml,
+    from_dict,
+    to_dict,
+    validate_loss,
+)
+from prefloop.data import load_rows, read_jsonl
+from prefloop.errors import PrefloopError, where
+from prefloop.pairing import PairingConfig
+from prefloop.sampling import PromptRecord
+from prefloop.stages import Processes, sample_prompts, score_rows
+
+STAGES = ("sample", "score", "pair", "train", "evaluate")
+
+
+@dataclass
+class PromptsConfig:
+    path: str = ""
+    split: str = "train"
+    column: str = "prompt"  # a string or a list of chat messages
+    id_column: str = ""  # default: the row number
+    per_iteration: int = 0  # size of each iteration's fresh, disjoint slice; 0 = all, every time
+    shuffle_seed: int = 0
+    limit: int = 0  # use at most this many prompts (0 = all)
+
+
+@dataclass
+class EvalConfig:
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(num_samples=1, temperature=0.0)
+    )
+    gold: str = ""  # optional "module:function" → per-response correctness in [0, 1]
+    lc_fit: str = "glm"  # glm | alpacaeval
+
+
+@dataclass
+class RunConfig:
+    """`prefloop run`: the iterative loop."""
+
+    name: str = "run"
+    run_dir: str = ""  # default: runs/<name>
+    policy: str = ""
+    trust_remote_code: bool = False
+    iterations: int = 3
+    seed: int = 0
+    reference: str = "previous"  # previous (paper) | initial
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    replay_data: str = ""  # offline preference set mixed in at pairing.replay_fraction
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # only the length limits apply
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def validate(self) -> None:
+        if not self.policy:
+            raise PrefloopError("policy: required (a hub id or a local model directory)")
+        if not self.prompts.path:
+            raise PrefloopError("prompts.path: required (jsonl, parquet, dataset dir or hub id)")
+        if self.iterations < 1:
+            raise PrefloopError(f"iterations: must be ≥ 1, got {self.iterations}")
+        if self.reference not in ("previous", "initial"):
+            raise PrefloopError(f"reference: {self.reference!r} is not previous or initial")
+        if self.data.path:
+            raise PrefloopError("data.path: not used by the loop (pairs come from sampling); "
+                                "set prompts.path instead")
+        validate_loss(self.loss)
+        self.sampling.validate("sampling")
+        self.eval.sampling.validate("eval.sampling")
+        self.reward.validate("reward")
+        if self.sampling.num_samples < 2:
+            raise PrefloopError("sampling.num_samples: pairing needs at least 2 samples per prompt")
+        if self.pairing.replay_fraction > 0 and not self.replay_data:
+            raise PrefloopError("replay_data: required when pairing.replay_fraction > 0")
+        if self.eval.lc_fit not in ("glm", "alpacaeval"):
+            raise PrefloopError(f"eval.lc_fit: {self.eval.lc_fit!r} is not glm or alpacaeval")
+        for name in ("per_iteration", "limit"):
+            if getattr(self.prompts, name) < 0:
+                raise PrefloopError(f"prompts.{name}: must be ≥ 0")
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def load_prompts(cfg: PromptsConfig, key: str = "prompts") -> list[PromptRecord]:
+    rows = load_rows(cfg.path, cfg.split)
+    if not rows:
+        raise PrefloopError(f"{cfg.path}: no prompts")
+    records, seen = [], set()
+    for i, row in enumerate(rows):
+        if cfg.column not in row:
+            raise PrefloopError(f"{where(cfg.path, i, cfg.column)}: missing column; row has "
+                                f"{sorted(row)} (set {key}.column)")
+        prompt = row[cfg.column]
+        ok = (isinstance(prompt, str) and prompt.strip()) or (
+            isinstance(prompt, list) and prompt and all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt))
+        if not ok:
+            raise PrefloopError(f"{where(cfg.path, i, cfg.column)}: expected a non-empty string "
+                                "or a list of chat messages")
+        pid = str(row[cfg.id_column]) if cfg.id_column else str(i)
+        if pid in seen:
+            raise PrefloopError(f"{where(cfg.path, i, cfg.id_column)}: duplicate prompt id {pid!r}")
+        seen.add(pid)
+        records.append(PromptRecord(pid, prompt))
+    if cfg.limit:
+        records = records[: cfg.limit]
+    return records
+
+
+def iteration_prompts(all_prompts: list[PromptRecord], cfg: PromptsConfig, iteration: int,
+                      iterations: int) -> list[PromptRecord]:
+    """Iteration t's slice: disjoint slices of a seeded shuffle, or everything each time."""
+    if not cfg.per_iteration:
+        return all_prompts
+    order = list(range(len(all_prompts)))
+    random.Random(cfg.shuffle_seed).shuffle(order)
+    need = cfg.per_iteration * iterations
+    if need > len(order):
+        raise PrefloopError(
+            f"prompts.per_iteration: {iterations} disjoint slices of {cfg.per_iteration} need "
+            f"{need} prompts but {cfg.path} has {len(order)}"
+        )
+    chosen = order[(iteration - 1) * cfg.per_iteration : iteration * cfg.per_iteration]
+    return [all_prompts[i] for i in sorted(chosen)]
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("prefloop", "torch", "transformers", "accelerate", "peft", "datasets"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+class Manifest:
+    """manifest.json: the config hash, versions, seeds, and each stage's status and timing."""
+
+    def __init__(self, path: Path, data: dict):
+        self.path, self.data = path, data
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest | None:
+        if not path.is_file():
+            return None
+        return cls(path, json.loads(path.read_text()))
+
+    def done(self, key: str) -> bool:
+        return self.data["stages"].get(key, {}).get("status") == "done"
+
+    def mark(self, key: str, **info) -> None:
+        self.data["stages"][key] = {"status": "done", **info}
+        io.write_json(self.path, self.data)
+
+    def forget_from(self, key: str) -> list[str]:
+        """Un-mark `key` and every stage after it; returns what was forgotten."""
+        keys = list(self.data["stages"])
+        order = sorted(keys, key=stage_order)
+        cut = stage_order(key)
+        dropped = [k for k in order if stage_order(k) >= cut]
+        for k in dropped:
+            del self.data["stages"][k]
+        io.write_json(self.path, self.data)
+        return dropped
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.data.get("finished"))
+
+
+def stage_key(iteration: int, stage: str) -> str:
+    return f"iter_{iteration}/{stage}"
+
+
+def stage_order(key: str) -> tuple[int, int]:
+    try:
+        it, stage = key.split("/")
+        return int(it.removeprefix("iter_")), STAGES.index(stage)
+    except ValueError:
+        raise PrefloopError(
+            f"--redo-from: {key!r} is not ITER/STAGE, e.g. iter_2/train; stages: "
+            f"{', '.join(STAGES)}"
+        ) from None
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: list[dict]
+    stages_run: list[str]
+    skipped: list[str]
+
+
+class Loop:
+    """Drives one run directory. Each `_stage_*` method is one stage of one iteration."""
+
+    def __init__(self, cfg: RunConfig, progress: bool = True, echo: Callable = print):
+        self.cfg = cfg
+        self.dir = cfg.directory
+        self.procs = Processes()
+        self.progress = progress and self.procs.is_main
+        self.echo = echo if self.procs.is_main else (lambda *a, **k: None)
+        self.stages_run: list[str] = []
+        self.skipped: list[str] = []
+
+    # -- paths
+    def it_dir(self, t: int) -> Path:
+        return self.dir / f"iter_{t}"
+
+    def policy_path(self, t: int) -> str:
+        return self.cfg.policy if t == 0 else str(self.it_dir(t) / "policy")
+
+    # -- setup, resume rules
+    def open_manifest(self, resume: bool, redo_from: str | None) -> Manifest:
+        cfg, path = self.cfg, self.dir / "manifest.json"
+        digest = config_hash(cfg)
+        manifest = Manifest.load(path)
+        if manifest is None:
+            if self.procs.is_main:
+                try:
+                    self.dir.mkdir(parents=True, exist_ok=True)
+                    io.write_text(self.dir / "config.yaml", dump_yaml(cfg))
+                except OSError as e:
+                    raise PrefloopError(f"{self.dir}: cannot write the run directory ({e})") \
+                        from None
+                manifest = Manifest(path, {
+                    "config_hash": digest, "seed": cfg.seed, "versions": _versions(),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": {},
+                })
+                io.write_json(path, manifest.data)
+            self.procs.barrier()
+            return Manifest.load(path)
+        if manifest.data["config_hash"] != digest:
+            if not redo_from:
+                raise PrefloopError(
+                    f"{self.dir}: the config differs from the one this run was started with "
+                    f"(hash {manifest.data['config_hash']} vs {digest}); use a new run_dir, or "
+                    "pass --redo-from ITER/STAGE (e.g. iter_2/train) to redo from that stage"
+                )
+        elif not resume and not manifest.finished and not redo_from:
+            raise PrefloopError(
+                f"{self.dir}: an unfinished run is already here; pass --resume to continue it"
+            )
+        self.procs.barrier()
+        if self.procs.is_main:
+            if redo_from:
+                dropped = manifest.forget_from(redo_from)
+                self.echo(f"redoing {len(dropped)} stage(s) from {redo_from}")
+                manifest.data.pop("finished", None)
+            manifest.data["config_hash"] = digest
+            io.write_json(path, manifest.data)
+            io.write_text(self.dir / "config.yaml", dump_yaml(cfg))
+        self.procs.barrier()
+        return Manifest.load(path)
+
+    def run(self, resume: bool = False, redo_from: str | None = None) -> RunResult:
+        cfg = self.cfg
+        self.manifest = self.open_manifest(resume, redo_from)
+        if self.manifest.finished and not redo_from:
+            self.echo(f"{self.dir}: run already complete; nothing to do")
+            return RunResult(self.dir, self.read_metrics(), [], [])
+        prompts = load_prompts(cfg.prompts)
+        self.eval_prompts = load_prompts(cfg.eval.prompts, "eval.prompts") \
+            if cfg.eval.prompts.path else []
+        self.stage(0, "evaluate", self.it_dir(0) / "eval.json", lambda: self.evaluate(0))
+        for t in range(1, cfg.iterations + 1):
+            d = self.it_dir(t)
+            slice_t = iteration_prompts(prompts, cfg.prompts, t, cfg.iterations)
+            self.stage(t, "sample", d / "samples.jsonl", lambda t=t, p=slice_t: self.sample(t, p))
+            self.stage(t, "score", d / "scored.jsonl", lambda t=t: self.score(t))
+            self.stage(t, "pair", d / "pairs.jsonl", lambda t=t: self.pair(t))
+            self.stage(t, "train", d / "policy" / "config.json", lambda t=t: self.train(t))
+            self.stage(t, "evaluate", d / "eval.json", lambda t=t: self.evaluate(t))
+        if self.procs.is_main:
+            self.manifest.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            io.write_json(self.manifest.path, self.manifest.data)
+        self.procs.barrier()
+        return RunResult(self.dir, self.read_metrics(), self.stages_run, self.skipped)
+
+    def stage(self, t: int, name: str, artifact: Path, fn: Callable[[], dict]) -> None:
+        key = stage_key(t, name)
+        if self.manifest.done(key) and artifact.exists():
+            self.skipped.append(key)
+            return
+        start = time.perf_counter()
+        info = fn() or {}
+        self.procs.barrier()
+        if self.procs.is_main:
+            self.manifest.mark(key, seconds=round(time.perf_counter() - start, 3),
+                               finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **info)
+        self.procs.barrier()
+        self.manifest = Manifest.load(self.manifest.path)
+        self.stages_run.append(key)
+
+    # -- stages ------------------------------------------------------------------------------
+    def sample(self, t: int, prompts: list[PromptRecord]) -> dict:
+        cfg = self.cfg
+        sampling = SamplingConfig(**{**vars(cfg.sampling), "seed": cfg.sampling.seed + 1000 * t})
+        rows = sample_prompts(self.policy_path(t - 1), prompts, sampling, self.procs,
+                              cfg.trust_remote_code, self.progress, f"iter {t} sample")
+        if self.procs.is_main:
+            io.write_jsonl(self.it_dir(t) / "samples.jsonl", rows)
+        return {"rows": len(rows), "prompts": len(prompts)}
+
+    def score(self, t: int) -> dict:
+        rows = read_jsonl(self.it_dir(t) / "samples.jsonl")
+        scores = score_rows(rows, self.cfg.reward, self.procs, self.cfg.trust_remote_code,
+                            self.progress, f"iter {t} score")
+        if self.procs.is_main:
+            io.write_jsonl(self.it_dir(t) / "scored.jsonl",
+                           [{**r, "score": s} for r, s in zip(rows, scores, strict=True)])
+        return {"rows": len(rows)}
+
+    def pair(self, t: int) -> dict:
+        from prefloop.pairing import make_pairs
+
+        cfg = self.cfg
+        rows = read_jsonl(self.it_dir(t) / "scored.jsonl")
+        replay = load_rows(cfg.replay_data) if cfg.replay_data else []
+        pairing = PairingConfig(**{**vars(cfg.pairing), "seed": cfg.pairing.seed + t})
+        pairs, stats = make_pairs(rows, pairing, replay)
+        if not pairs:
+            raise PrefloopError(
+                f"{self.it_dir(t) / 'scored.jsonl'}: no pairs (all {stats.prompts} prompts tied "
+                "or below the margin); raise sampling.temperature or num_samples"
+            )
+        if self.procs.is_main:
+            io.write_jsonl(self.it_dir(t) / "pairs.jsonl", pairs)
+            self.echo(f"iter {t}: {stats.pairs} pairs from {stats.prompts} prompts, "
+                      f"{stats.ties_dropped} ties dropped, length gap "
+                      f"{stats.mean_length_gap:+.1f} {pairing.length_unit}")
+        return {"pairing": stats.as_dict()}
+
+    def train(self, t: int) -> dict:
+        from prefloop.data import pairs_from_rows
+        from prefloop.models import load_tokenizer
+        from prefloop.trainer import train_preferences
+
+        cfg = self.cfg
+        rows = read_jsonl(self.it_dir(t) / "pairs.jsonl")
+        start = self.policy_path(t - 1)
+        tok = load_tokenizer(start, cfg.trust_remote_code)
+        d = cfg.data
+        pairs, stats = pairs_from_rows(rows, tok, d.max_length, d.max_prompt_length,
+                                       d.truncation, str(self.it_dir(t) / "pairs.jsonl"))
+        previous = cfg.reference == "previous"
+        train_cfg = TrainConfig(
+            model=start,
+            reference="" if previous or t == 1 else cfg.policy,
+            reuse_sampling_logps=previous or t == 1,
+            output_dir=str(self.it_dir(t) / "policy"),
+            trust_remote_code=cfg.trust_remote_code,
+            data=DataConfig(**{**vars(d), "path": str(self.it_dir(t) / "pairs.jsonl")}),
+            loss=cfg.loss,
+            training=from_dict(TrainingConfig, {**to_dict(cfg.training),
+                                                "seed": cfg.training.seed + t}),
+        )
+        result = train_preferences(train_cfg, pairs=pairs, progress=self.progress)
+        last = result.log[-1]
+        return {"steps": result.steps, "pairs": len(pairs), "truncation": stats.as_dict(),
+                "final_loss": last["loss"], "final_accuracy": last["accuracy"],
+                "reference_seconds": round(result.reference_seconds, 3)}
+
+    def evaluate(self, t: int) -> dict:
+        cfg = self.cfg
+        if not self.eval_prompts:
+            record = {"iteration": t}
+            if self.procs.is_main:
+                io.write_json(self.it_dir(t) / "eval.json", record)
+            return {}
+        rows = sample_prompts(self.policy_path(t), self.eval_prompts, cfg.eval.sampling,
+                              self.procs, cfg.trust_remote_code, self.progress, f"iter {t} eval")
+        scores = score_rows(rows, cfg.reward, self.procs, cfg.trust_remote_code, self.progress,
+                            f"iter {t} eval score")
+        for row, score in zip(rows, scores, strict=True):
+            row["score"] = score
+        if cfg.eval.gold:
+            from prefloop.rewards import import_function
+
+            gold = import_function(cfg.eval.gold)([r["prompt"] for r in rows],
+                                                  [r["response"] for r in rows])
+            for row, g in zip(rows, gold, strict=True):
+                row["gold"] = float(g)
+        record = {"iteration": t}
+        if self.procs.is_main:
+            baseline = read_jsonl(self.it_dir(0) / "eval_samples.jsonl") if t else rows
+            initial_logps = self.initial_logps(rows) if t else None
+            record = evaluate_iteration(t, rows, baseline, initial_logps, cfg.eval.lc_fit)
+            io.write_jsonl(self.it_dir(t) / "eval_samples.jsonl", rows)
+            io.write_json(self.it_dir(t) / "eval.json", record)
+            self.write_metrics()
+            self.echo(format_metrics_row(record, header=t == 0))
+        return {}
+
+    def initial_logps(self, rows: list[dict]) -> list[float] | None:
+        """log π₀(y|x) of the current policy's eval samples, for the KL estimate."""
+        if any(r.get("logprob") is None for r in rows):
+            return None
+        from prefloop.logprobs import sequence_logps
+        from prefloop.models import load_causal_lm, load_tokenizer
+
+        tok = load_tokenizer(self.cfg.policy, self.cfg.trust_remote_code)
+        model = load_causal_lm(self.cfg.policy, self.cfg.trust_remote_code)
+        values = sequence_logps(model, [r["prompt_ids"] for r in rows],
+                                [r["response_ids"] for r in rows], tok.pad_token_id)
+        return values.tolist()
+
+    # -- metrics
+    def write_metrics(self) -> None:
+        records = []
+        for t in range(0, self.cfg.iterations + 1):
+            path = self.it_dir(t) / "eval.json"
+            if path.is_file():
+                records.append(json.loads(path.read_text()))
+        io.write_jsonl(self.dir / "metrics.jsonl", records)
+
+    def read_metrics(self) -> list[dict]:
+        path = self.dir / "metrics.jsonl"
+        return read_jsonl(path) if path.is_file() else []
+
+
+def evaluate_iteration(t: int, rows: list[dict], baseline: list[dict],
+                       initial_logps: list[float] | None, lc_fit: str = "glm") -> dict:
+    """Metrics of iteration t's eval samples against the initial policy's (iteration 0)."""
+    import numpy as np
+
+    from prefloop.evaluate import (
+        kl_estimate,
+        length_controlled_win_rate,
+        length_stats,
+        preferences,
+        win_rate,
+    )
+
+    scores = np.array([r["score"] for r in rows], dtype=float)
+    record: dict = {"iteration": t, "n": len(rows), "mean_reward": float(scores.mean())}
+    record.update(length_stats([r["num_tokens"] for r in rows], [r["num_chars"] for r in rows]))
+    record["eos_rate"] = float(np.mean([r["finish_reason"] == "eos" for r in rows]))
+    if any("gold" in r for r in rows):
+        record["gold_accuracy"] = float(np.mean([r.get("gold", 0.0) for r in rows]))
+    first = {r["prompt_id"]: r for r in baseline if r["sample_index"] == 0}
+    mine = [r for r in rows if r["sample_index"] == 0 and r["prompt_id"] in first]
+    base = [first[r["prompt_id"]] for r in mine]
+    a = np.array([r["score"] for r in mine], dtype=float)
+    b = np.array([r["score"] for r in base], dtype=float)
+    wr = win_rate(a, b)  # percent
+    record.update(win_rate=wr.soft, win_rate_se=wr.soft_se, win_rate_hard=wr.hard,
+                  win_rate_hard_se=wr.hard_se)
+    lc = length_controlled_win_rate(preferences(a, b, "soft"), [r["num_chars"] for r in mine],
+                                    [r["num_chars"] for r in base], fit=lc_fit)
+    record["lc_win_rate"] = float(lc.lc)
+    record["kl"] = None
+    if initial_logps is not None:
+        kl, kl_se = kl_estimate([r["logprob"] for r in rows], initial_logps)
+        record.update(kl=float(kl), kl_se=float(kl_se))
+    return record
+
+
+METRIC_COLUMNS = [
+    ("iteration", "iter", "{:d}"), ("mean_reward", "reward", "{:+.3f}"),
+    ("gold_accuracy", "gold", "{:.1%}"), ("mean_tokens", "tokens", "{:.1f}"),
+    ("mean_chars", "chars", "{:.0f}"), ("win_rate", "WR%", "{:.1f}"),
+    ("lc_win_rate", "LC%", "{:.1f}"), ("kl", "KL", "{:.2f}"),
+]
+
+
+def format_metrics_row(record: dict, header: bool = False) -> str:
+    cells = []
+    for key, _, fmt in METRIC_COLUMNS:
+        value = record.get(key)
+        cells.append("-" if value is None else fmt.format(value))
+    line = "  ".join(f"{c:>8}" for c in cells)
+    if header:
+        head = "  ".join(f"{h:>8}" for _, h, _ in METRIC_COLUMNS)
+        return head + "\n" + line
+    return line
+
+
+def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> RunConfig:
+    from prefloop.config import load_config
+
+    return load_config(RunConfig, path, list(overrides))
+
+
+def run(cfg: RunConfig, resume: bool = False, redo_from: str | None = None,
+        progress: bool = True) -> RunResult:
+    """Run (or continue) the loop described by `cfg`; returns the metrics per iteration."""
+    cfg.validate()
+    return Loop(cfg, progress).run(resume, redo_from)

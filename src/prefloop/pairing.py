@@ -1,0 +1,476 @@
+"""Pairing stage: turn K scored samples per prompt into preference pairs.
+
+Reads the rows of ``scored.jsonl`` (one per sampled response) and writes the rows of
+``pairs.jsonl`` in TRL's column names (``prompt``/``chosen``/``rejected`` plus token ids,
+scores, lengths and, when the sampler kept them, the sampling policy's log-probs).
+
+The rules, in the order they are applied to each prompt's samples:
+
+1. **Length shaping** (DICE): every sample's score becomes ``score − α·|y|`` with ``|y|`` in
+   ``length_unit``. ``α = 0`` (the default) leaves scores unchanged; ``length_penalty="auto"``
+   picks α by :func:`auto_length_penalty`. Length control can thus live at pair selection
+   instead of (or besides) the ``lr_dpo`` loss term.
+2. **Candidate pairs** by ``strategy``:
+   ``best_vs_worst`` (iLR-DPO, the default) — the highest against the lowest shaped score;
+   ``random`` — two distinct samples drawn with a per-prompt seeded generator;
+   ``all_pairs`` — every unordered pair ``i < j``.
+3. **Ties** (equal shaped scores) give no pair and are counted: per candidate pair, or per
+   prompt for ``best_vs_worst`` (all of its samples tied).
+4. **Margin**: a pair whose shaped score gap ``s_w − s_l`` is below ``min_margin`` is dropped
+   and counted.
+5. **Replay** (DICE): a share γ of the final pairs is drawn from an offline preference set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from prefloop.errors import PrefloopError, where
+
+STRATEGIES = ("best_vs_worst", "random", "all_pairs")
+LENGTH_UNITS = {"tokens": "num_tokens", "chars": "num_chars"}
+# Fields every scored row must carry (finish_reason and logprob are optional here).
+REQUIRED_FIELDS = (
+    "prompt_id",
+    "prompt",
+    "sample_index",
+    "response",
+    "response_ids",
+    "num_tokens",
+    "num_chars",
+    "score",
+)
+REPLAY_REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
+# Reference log-probs stored with an offline set were computed under some other model than
+# this iteration's reference (the previous policy), so replayed rows never carry them.
+_STALE_REPLAY_FIELDS = ("chosen_ref_logps", "rejected_ref_logps")
+_SCORED = "scored samples"
+_REPLAY = "replay set"
+# Upper bound on the elements of one (alphas × candidates) block in the α sweep: ~16 MB
+# per float64 array, so the sweep stays vectorised without holding all α at once.
+_SWEEP_BLOCK = 1 << 21
+
+
+class PairingError(PrefloopError, ValueError):
+    """Bad scored rows, replay rows or pairing options.
+
+    A :class:`~prefloop.errors.PrefloopError` (the CLI prints it as one line) and a
+    ``ValueError`` (what library callers catch).
+    """
+
+
+@dataclass
+class PairingConfig:
+    """Options of the pairing stage (see the module docstring for the rules).
+
+    Attributes:
+        strategy: ``best_vs_worst`` | ``random`` | ``all_pairs``.
+        min_margin: drop pairs whose shaped score gap ``s_w − s_l`` is ``< min_margin``.
+        length_penalty: α_pair ≥ 0 in ``shaped = score − α_pair·|y|``, or ``"auto"`` for the
+            DICE sweep (:func:`auto_length_penalty`).
+        length_unit: ``tokens`` | ``chars``: the ``|y|`` of the shaping and of the reported
+            length gap (DICE and AlpacaEval use characters).
+        auto_alpha_max: the sweep tries α = 0, step, 2·step, … up to this value.
+        auto_alpha_step: the sweep's step.
+        replay_fraction: γ ∈ [0, 1), the share of the final pairs drawn from the replay set.
+        seed: seeds the ``random`` strategy (per prompt) and the replay draw; give each
+            iteration its own seed to draw different replay rows each time.
+    """
+
+    strategy: str = "best_vs_worst"
+    min_margin: float = 0.0
+    length_penalty: float | str = 0.0
+    length_unit: str = "tokens"
+    auto_alpha_max: float = 1.0
+    auto_alpha_step: float = 1e-3
+    replay_fraction: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`PairingError` naming the first bad option and its valid values."""
+        if self.strategy not in STRATEGIES:
+            raise PairingError(
+                f"pairing.strategy: unknown {self.strategy!r}; valid values: "
+                f"{', '.join(STRATEGIES)}"
+            )
+        if self.length_unit not in LENGTH_UNITS:
+            raise PairingError(
+                f"pairing.length_unit: unknown {self.length_unit!r}; valid values: "
+                f"{', '.join(LENGTH_UNITS)}"
+            )
+        penalty = self.length_penalty
+        if isinstance(penalty, str):
+            if penalty != "auto":
+                raise PairingError(
+                    f"pairing.length_penalty: {penalty!r} is not a number; give α ≥ 0 or 'auto'"
+                )
+        elif not _is_number(penalty) or not math.isfinite(penalty) or penalty < 0:
+            raise PairingError(
+                f"pairing.length_penalty: must be a finite number ≥ 0 or 'auto', got {penalty!r}"
+            )
+        for name, value, positive in (
+            ("min_margin", self.min_margin, False),
+            ("auto_alpha_max", self.auto_alpha_max, False),
+            ("auto_alpha_step", self.auto_alpha_step, True),
+        ):
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise PairingError(f"pairing.{name}: must be a finite number ≥ 0, got {value!r}")
+            if positive and value == 0:
+                raise PairingError(f"pairing.{name}: must be > 0")
+        gamma = self.replay_fraction
+        if not _is_number(gamma) or not 0 <= gamma < 1:
+            raise PairingError(f"pairing.replay_fraction: must be in [0, 1), got {gamma!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise PairingError(f"pairing.seed: must be an integer, got {self.seed!r}")
+
+
+@dataclass
+class PairingStats:
+    """What the pairing stage did; ``as_dict`` goes into the manifest and the report.
+
+    For ``best_vs_worst`` and ``random`` (one candidate per prompt):
+    ``online_pairs + ties_dropped + below_margin_dropped + single_sample_prompts == prompts``.
+    For ``all_pairs``: ``online_pairs + ties_dropped + below_margin_dropped == Σ C(K, 2)``.
+    """
+
+    prompts: int = 0
+    pairs: int = 0  # online + replay
+    online_pairs: int = 0
+    replay_pairs: int = 0
+    ties_dropped: int = 0  # candidate pairs (whole prompts for best_vs_worst) with equal scores
+    below_margin_dropped: int = 0
+    single_sample_prompts: int = 0  # prompts with < 2 samples
+    alpha: float = 0.0  # the α_pair used (picked by the sweep when "auto")
+    mean_length_gap: float = math.nan  # mean |y_w| − |y_l| over online pairs, in length_unit
+    mean_score_gap: float = math.nan  # mean shaped s_w − s_l over online pairs
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-safe dict: NaN (no pairs) becomes ``None``."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, float) and math.isnan(value):
+                out[key] = None
+        return out
+
+
+# ---------------------------------------------------------------- validation and grouping
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_rows(rows: Sequence[dict]) -> None:
+    """Raise :class:`PairingError` at the first scored row that cannot be paired."""
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise PairingError(f"{where(_SCORED, i)}: expected an object, got {type(row).__name__}")
+        for key in REQUIRED_FIELDS:
+            if row.get(key) is None:
+                raise PairingError(f"{where(_SCORED, i, key)}: missing; row has {sorted(row)}")
+        if not isinstance(row["prompt_id"], str):
+            raise PairingError(
+                f"{where(_SCORED, i, 'prompt_id')}: expected a string, got {row['prompt_id']!r}"
+            )
+        for key in ("sample_index", "num_tokens", "num_chars"):
+            value = row[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PairingError(
+                    f"{where(_SCORED, i, key)}: expected an integer ≥ 0, got {value!r}"
+                )
+        for key in ("score", "logprob"):
+            value = row.get(key)
+            if key == "logprob" and value is None:
+                continue
+            if not _is_number(value) or not math.isfinite(value):
+                raise PairingError(
+                    f"{where(_SCORED, i, key)}: expected a finite number, got {value!r}"
+                )
+
+
+def _check_replay(replay: Sequence[dict]) -> None:
+    for i, row in enumerate(replay):
+        if not isinstance(row, dict):
+            raise PairingError(f"{where(_REPLAY, i)}: expected an object, got {type(row).__name__}")
+        for key in REPLAY_REQUIRED_FIELDS:
+            if row.get(key) is None:
+                raise PairingError(f"{where(_REPLAY, i, key)}: missing; row has {sorted(row)}")
+
+
+def group_by_prompt(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """Group scored rows by ``prompt_id``.
+
+    Prompts keep their first-seen order; each prompt's samples are sorted by
+    ``sample_index`` (so "lowest sample_index" tie-breaking is "first in the list"). The row
+    dicts are not copied. A repeated ``(prompt_id, sample_index)`` raises
+    :class:`PairingError`: it means the same samples were scored or concatenated twice.
+    """
+    groups: dict[str, list[dict]] = {}
+    first_row: dict[tuple[str, int], int] = {}
+    for i, row in enumerate(rows):
+        for key in ("prompt_id", "sample_index"):
+            if key not in row:
+                raise PairingError(f"{where(_SCORED, i, key)}: missing; row has {sorted(row)}")
+        key = (row["prompt_id"], row["sample_index"])
+        if key in first_row:
+            raise PairingError(
+                f"{where(_SCORED, i, 'sample_index')}: duplicate sample {key[1]} of prompt "
+                f"{key[0]!r} (first seen at row {first_row[key]})"
+            )
+        first_row[key] = i
+        groups.setdefault(row["prompt_id"], []).append(row)
+    for samples in groups.values():
+        samples.sort(key=lambda r: r["sample_index"])
+    return groups
+
+
+# ---------------------------------------------------------------- candidate pairs
+
+
+def _stable_seed(seed: int, name: str) -> int:
+    """A 64-bit seed from (seed, name) that is the same in every process (unlike ``hash``)."""
+    digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _fixed_candidates(samples: list[dict], config: PairingConfig, prompt_id: str):
+    """Candidate position pairs that do not depend on the scores (random, all_pairs)."""
+    if config.strategy == "random":
+        rng = random.Random(_stable_seed(config.seed, prompt_id))
+        return [tuple(rng.sample(range(len(samples)), 2))]
+    return list(itertools.combinations(range(len(samples)), 2))
+
+
+def _shaped_scores(samples: list[dict], alpha: float, length_key: str) -> list[float]:
+    # Same float operations as the vectorised sweep, so both agree on ties and margins.
+    return [float(s["score"]) - alpha * s[length_key] for s in samples]
+
+
+def _pair_row(chosen: dict, rejected: dict, s_w: float, s_l: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"prompt_id": chosen["prompt_id"], "prompt": chosen["prompt"]}
+    if chosen.get("prompt_ids") is not None:
+        row["prompt_ids"] = chosen["prompt_ids"]
+    row.update(
+        chosen=chosen["response"],
+        rejected=rejected["response"],
+        chosen_ids=chosen["response_ids"],
+        rejected_ids=rejected["response_ids"],
+        chosen_score=s_w,
+        rejected_score=s_l,
+        chosen_raw_score=float(chosen["score"]),
+        rejected_raw_score=float(rejected["score"]),
+        chosen_index=chosen["sample_index"],
+        rejected_index=rejected["sample_index"],
+        chosen_tokens=chosen["num_tokens"],
+        rejected_tokens=rejected["num_tokens"],
+        chosen_chars=chosen["num_chars"],
+        rejected_chars=rejected["num_chars"],
+        source="online",
+    )
+    if chosen.get("logprob") is not None and rejected.get("logprob") is not None:
+        row["chosen_ref_logps"] = float(chosen["logprob"])
+        row["rejected_ref_logps"] = float(rejected["logprob"])
+    return row
+
+
+# ---------------------------------------------------------------- the DICE α sweep
+
+
+def _alpha_grid(config: PairingConfig) -> np.ndarray:
+    """α_k = k·step for k = 0..n, n = ⌊max/step⌋ (integer k: no accumulated float drift)."""
+    n = math.floor(config.auto_alpha_max / config.auto_alpha_step + 1e-9)
+    return np.arange(n + 1, dtype=np.float64) * config.auto_alpha_step
+
+
+def _sweep_best_vs_worst(
+    groups: list[list[dict]], length_key: str, grid: np.ndarray, min_margin: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per α: (sum of |y_w| − |y_l|, number of pairs) of the best-vs-worst pairs."""
+    n_prompts, k_max = len(groups), max(len(g) for g in groups)
+    scores = np.zeros((n_prompts, k_max))
+    lengths = np.zeros((n_prompts, k_max))
+    valid = np.zeros((n_prompts, k_max), dtype=bool)
+    for p, samples in enumerate(groups):
+        k = len(samples)
+        scores[p, :k] = [float(s["score"]) for s in samples]
+        lengths[p, :k] = [s[length_key] for s in samples]
+        valid[p, :k] = True
+    sums, counts = np.zeros(len(grid)), np.zeros(len(grid), dtype=np.int64)
+    prompt_rows = np.arange(n_prompts)[None, :]
+    chunk = max(1, _SWEEP_BLOCK // (n_prompts * k_max))
+    for start in range(0, len(grid), chunk):
+        alphas = grid[start : start + chunk, None, None]
+        shaped = scores[None] - alphas * lengths[None]  # (A, P, K)
+        # argmax/argmin return the first extreme: the lowest sample_index, as in make_pairs.
+        w = np.where(valid, shaped, -np.inf).argmax(axis=-1)  # (A, P)
+        lo = np.where(valid, shaped, np.inf).argmin(axis=-1)  # (A, P)
+        s_w = np.take_along_axis(shaped, w[..., None], axis=-1)[..., 0]
+        s_l = np.take_along_axis(shaped, lo[..., None], axis=-1)[..., 0]
+        keep = (s_w > s_l) & (s_w - s_l >= min_margin)
+        gap = lengths[prompt_rows, w] - lengths[prompt_rows, lo]  # (A, P)
+        sums[start : start + chunk] = np.where(keep, gap, 0.0).sum(axis=-1)
+        counts[start : start + chunk] = keep.sum(axis=-1)
+    return sums, counts
+
+
+def _sweep_fixed(
+    pairs: list[tuple[dict, dict]], length_key: str, grid: np.ndarray, min_margin: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per α: (sum of |y_w| − |y_l|, number of pairs) over fixed candidate pairs (a, b)."""
+    s_a = np.array([float(a["score"]) for a, _ in pairs])
+    s_b = np.array([float(b["score"]) for _, b in pairs])
+    l_a = np.array([a[length_key] for a, _ in pairs], dtype=np.float64)
+    l_b = np.array([b[length_key] for _, b in pairs], dtype=np.float64)
+    sums, counts = np.zeros(len(grid)), np.zeros(len(grid), dtype=np.int64)
+    chunk = max(1, _SWEEP_BLOCK // len(pairs))
+    for start in range(0, len(grid), chunk):
+        alphas = grid[start : start + chunk, None]
+        diff = (s_a - alphas * l_a) - (s_b - alphas * l_b)  # (A, N): shaped s_a − s_b
+        keep = (diff != 0) & (np.abs(diff) >= min_margin)
+        gap = np.where(diff > 0, l_a - l_b, l_b - l_a)  # chosen minus rejected length
+        sums[start : start + chunk] = np.where(keep, gap, 0.0).sum(axis=-1)
+        counts[start : start + chunk] = keep.sum(axis=-1)
+    return sums, counts
+
+
+def auto_length_penalty(groups: dict[str, list[dict]], config: PairingConfig) -> float:
+    """DICE's automatic α_pair: the α whose pairs have mean length gap closest to 0.
+
+    For every α in ``0, step, 2·step, …, auto_alpha_max`` the pairs are formed exactly as
+    :func:`make_pairs` would form them with that fixed α (the configured ``strategy``,
+    ties and ``min_margin`` dropped; DICE itself uses best-vs-worst, the default), and the
+    mean of ``|y_w| − |y_l|`` (in ``length_unit``) over them is measured. Returns the α with
+    the smallest ``|mean gap|``, the smallest such α on ties; ``0.0`` when no α yields a pair.
+
+    Vectorised over α in blocks with numpy: ~1000 prompts × 16 samples × 1001 α values take
+    a fraction of a second. ``groups`` is :func:`group_by_prompt` of validated rows.
+    """
+    config.validate()
+    length_key = LENGTH_UNITS[config.length_unit]
+    grid = _alpha_grid(config)
+    multi = {pid: g for pid, g in groups.items() if len(g) >= 2}
+    if not multi:
+        return 0.0
+    if config.strategy == "best_vs_worst":
+        sums, counts = _sweep_best_vs_worst(
+            list(multi.values()), length_key, grid, config.min_margin
+        )
+    else:
+        pairs = [
+            (g[a], g[b]) for pid, g in multi.items() for a, b in _fixed_candidates(g, config, pid)
+        ]
+        sums, counts = _sweep_fixed(pairs, length_key, grid, config.min_margin)
+    # Lengths are integers, so each |sum|/count is the correctly rounded value of an exact
+    # fraction: equal gaps compare equal and argmin's first hit is the smallest α.
+    gaps = np.full(len(grid), np.inf)
+    has_pairs = counts > 0
+    gaps[has_pairs] = np.abs(sums[has_pairs]) / counts[has_pairs]
+    if not has_pairs.any():
+        return 0.0
+    return float(grid[int(np.argmin(gaps))])
+
+
+# ---------------------------------------------------------------- replay and the stage
+
+
+def _draw_replay(replay: Sequence[dict], n_online: int, config: PairingConfig) -> list[dict]:
+    """round(n_online·γ/(1−γ)) offline rows (half up), without replacement, seeded by ``seed``.
+
+    Then replayed rows are the share γ of online + replayed. Rows are shallow copies with
+    ``source="replay"``; fields the offline set lacks stay absent, and stored reference
+    log-probs are dropped (they belong to another reference model).
+    """
+    gamma = config.replay_fraction
+    if gamma == 0:
+        return []
+    wanted = math.floor(n_online * gamma / (1 - gamma) + 0.5)
+    rng = random.Random(_stable_seed(config.seed, "\x00replay"))
+    picked = rng.sample(range(len(replay)), min(wanted, len(replay)))
+    out = []
+    for j in picked:
+        row = {k: v for k, v in replay[j].items() if k not in _STALE_REPLAY_FIELDS}
+        row["source"] = "replay"
+        out.append(row)
+    return out
+
+
+def make_pairs(
+    rows: Sequence[dict], config: PairingConfig, replay: Sequence[dict] = ()
+) -> tuple[list[dict], PairingStats]:
+    """Pair scored samples by the module's rules; returns (online pairs then replay, stats).
+
+    Each online pair has ``chosen_score > rejected_score`` (shaped scores; raw scores in
+    ``*_raw_score``). ``chosen_ref_logps``/``rejected_ref_logps`` are the sampling policy's
+    summed log-probs, present when both samples carry ``logprob``: they are valid reference
+    log-probs only when the reference is the policy that sampled (the paper's π_{t−1}).
+
+    Raises:
+        PairingError (a ValueError): a row missing a required field or with a non-finite
+            score, a duplicate sample, a bad option, or ``replay_fraction > 0`` with no
+            replay rows.
+    """
+    config.validate()
+    rows = list(rows)
+    _check_rows(rows)
+    if config.replay_fraction > 0:
+        if len(replay) == 0:
+            raise PairingError(
+                f"pairing.replay_fraction is {config.replay_fraction} but the replay set is "
+                "empty; give an offline preference set or set replay_fraction to 0"
+            )
+        _check_replay(replay)
+    groups = group_by_prompt(rows)
+    if config.length_penalty == "auto":
+        alpha = auto_length_penalty(groups, config)
+    else:
+        alpha = float(config.length_penalty)
+    length_key = LENGTH_UNITS[config.length_unit]
+
+    stats = PairingStats(prompts=len(groups), alpha=alpha)
+    pairs: list[dict] = []
+    for prompt_id, samples in groups.items():
+        if len(samples) < 2:
+            stats.single_sample_prompts += 1
+            continue
+        shaped = _shaped_scores(samples, alpha, length_key)
+        if config.strategy == "best_vs_worst":
+            # max/min return the first extreme, i.e. the lowest sample_index.
+            best = max(range(len(samples)), key=shaped.__getitem__)
+            worst = min(range(len(samples)), key=shaped.__getitem__)
+            candidates = [(best, worst)]
+        else:
+            candidates = _fixed_candidates(samples, config, prompt_id)
+        for a, b in candidates:
+            if shaped[a] == shaped[b]:
+                stats.ties_dropped += 1
+                continue
+            w, lo = (a, b) if shaped[a] > shaped[b] else (b, a)
+            if shaped[w] - shaped[lo] < config.min_margin:
+                stats.below_margin_dropped += 1
+                continue
+            pairs.append(_pair_row(samples[w], samples[lo], shaped[w], shaped[lo]))
+
+    stats.online_pairs = len(pairs)
+    if pairs:
+        unit = config.length_unit
+        stats.mean_length_gap = float(
+            np.mean([p[f"chosen_{unit}"] - p[f"rejected_{unit}"] for p in pairs])
+        )
+        stats.mean_score_gap = float(
+            np.mean([p["chosen_score"] - p["rejected_score"] for p in pairs])
+        )
+    replayed = _draw_replay(replay, len(pairs), config)
+    stats.replay_pairs = len(replayed)
+    stats.pairs = len(pairs) + len(replayed)
+    return pairs + replayed, stats

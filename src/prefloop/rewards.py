@@ -1,0 +1,160 @@
+"""Scoring responses: the `Scorer` interface and its three backends.
+
+* `RewardModelScorer` — an `AutoModelForSequenceClassification` reward model with its own
+  tokenizer; the conversation is re-templated with the reward model's chat template.
+* `FunctionScorer` — a Python function named `module:function` in the config, called as
+  `fn(prompts, responses) -> list[float]`.
+* `ImplicitRewardScorer` — the DPO implicit reward `β·(log π(y|x) − log π_ref(y|x))`.
+
+Every score must be finite; a NaN or inf names the offending sample.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+
+from prefloop.config import RewardConfig
+from prefloop.data import Text, encode_prompt, render_prompt_response
+from prefloop.errors import PrefloopError
+
+
+class Scorer(Protocol):
+    def score(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]: ...
+
+
+def check_scores(scores: Sequence[float], n: int, what: str = "reward") -> list[float]:
+    if len(scores) != n:
+        raise PrefloopError(f"{what}: returned {len(scores)} scores for {n} responses")
+    out = []
+    for i, s in enumerate(scores):
+        value = float(s)
+        if not math.isfinite(value):
+            raise PrefloopError(f"{what}: score of response {i} is {value} (must be finite)")
+        out.append(value)
+    return out
+
+
+def conversation_text(tokenizer, prompt: Text, response: str) -> str:
+    """The text a reward model reads: its own chat template when it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": response}], tokenize=False
+        )
+    if isinstance(prompt, list):
+        prompt = "\n".join(m["content"] for m in prompt)
+    return prompt + response
+
+
+class RewardModelScorer:
+    """A sequence-classification reward model; the score is its first logit."""
+
+    def __init__(self, name_or_path: str, batch_size: int = 16, max_length: int = 2048,
+                 trust_remote_code: bool = False, device: str | torch.device = "cpu"):
+        from transformers import AutoModelForSequenceClassification
+
+        from prefloop.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+        except (OSError, ValueError) as e:
+            raise PrefloopError(f"{name_or_path}: cannot load reward model ({e})") from None
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(device).eval()
+        self.batch_size, self.max_length, self.device = batch_size, max_length, device
+        self.truncated = 0
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]:
+        texts = [conversation_text(self.tokenizer, p, r) for p, r in zip(prompts, responses,
+                                                                          strict=True)]
+        encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        for i, ids in enumerate(encoded):
+            if len(ids) > self.max_length:
+                # keep the end: the response is what is being judged
+                encoded[i] = ids[-self.max_length:]
+                self.truncated += 1
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores = [0.0] * len(encoded)
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.tensor([encoded[i] + [pad] * (width - len(encoded[i])) for i in idx])
+            mask = torch.tensor([[1] * len(encoded[i]) + [0] * (width - len(encoded[i]))
+                                 for i in idx])
+            logits = self.model(input_ids=ids.to(self.device),
+                                attention_mask=mask.to(self.device)).logits
+            for i, value in zip(idx, logits[:, 0].float().tolist(), strict=True):
+                scores[i] = value
+        return check_scores(scores, len(texts), "reward model")
+
+
+def import_function(spec: str) -> Callable:
+    """`package.module:function` → the function; only ever called with a config value."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise PrefloopError(f"reward.function: cannot import module {module_name!r} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise PrefloopError(f"reward.function: {module_name!r} has no function {attr!r}")
+    return fn
+
+
+class FunctionScorer:
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.fn = import_function(spec)
+
+    def score(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]:
+        return check_scores(list(self.fn(list(prompts), list(responses))), len(responses),
+                            f"reward function {self.spec}")
+
+
+class ImplicitRewardScorer:
+    """DPO implicit reward β·(log π(y|x) − log π_ref(y|x)) of a trained model vs its reference."""
+
+    def __init__(self, model: str, reference: str, beta: float = 0.1, batch_size: int = 16,
+                 trust_remote_code: bool = False):
+        from prefloop.models import load_causal_lm, load_tokenizer
+
+        self.tokenizer = load_tokenizer(model, trust_remote_code)
+        self.model = load_causal_lm(model, trust_remote_code).eval()
+        self.reference = load_causal_lm(reference, trust_remote_code).eval()
+        self.beta, self.batch_size = beta, batch_size
+
+    def score(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]:
+        from prefloop.logprobs import sequence_logps
+
+        tok = self.tokenizer
+        prompt_ids, response_ids = [], []
+        for p, r in zip(prompts, responses, strict=True):
+            prompt_ids.append(encode_prompt(tok, p))
+            _, response_text = render_prompt_response(tok, p, r)
+            response_ids.append(tok(response_text, add_special_tokens=False)["input_ids"])
+        pad = tok.pad_token_id
+        lp = sequence_logps(self.model, prompt_ids, response_ids, pad, self.batch_size)
+        lr = sequence_logps(self.reference, prompt_ids, response_ids, pad, self.batch_size)
+        return check_scores((self.beta * (lp - lr)).tolist(), len(responses), "implicit reward")
+
+
+def build_scorer(config: RewardConfig, trust_remote_code: bool = False) -> Scorer:
+    config.validate()
+    if config.type == "model":
+        return RewardModelScorer(config.model, config.batch_size, config.max_length,
+                                 trust_remote_code)
+    if config.type == "function":
+        return FunctionScorer(config.function)
+    return ImplicitRewardScorer(config.model, config.reference, config.beta, config.batch_size,
+                                trust_remote_code)

@@ -1,0 +1,152 @@
+"""Sampling responses from a policy: the `Sampler` interface and its HF `generate` backend.
+
+A sample row (one line of samples.jsonl):
+
+    {"prompt_id", "prompt", "prompt_ids", "sample_index", "response", "response_ids",
+     "num_tokens", "num_chars", "finish_reason": "eos" | "length", "logprob"}
+
+`logprob` is the summed log-probability of `response_ids` under the sampling policy, read
+from the raw (untempered) logits of the generation pass; the trainer reuses it as the
+reference log-prob when the reference is the policy that sampled, so no second pass is
+needed. It is `null` when it was not recorded (beam search, or logits too large to keep).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from prefloop.config import SamplingConfig
+from prefloop.data import Text, encode_prompt
+
+
+@dataclass
+class PromptRecord:
+    prompt_id: str
+    prompt: Text
+
+
+class Sampler(Protocol):
+    """Anything that turns prompts into K sample rows each (HF generate, vLLM, a service)."""
+
+    def sample(self, prompts: Sequence[PromptRecord], config: SamplingConfig,
+               progress: bool = False) -> list[dict]: ...
+
+
+def batch_seed(seed: int, batch_key: str) -> int:
+    """A seed per generate batch, so a batch draws the same samples on any process."""
+    digest = hashlib.sha256(f"{seed}:{batch_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+class HFSampler:
+    """Batched `model.generate` with left padding and KV cache; n samples per prompt."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def _generate_kwargs(self, config: SamplingConfig) -> dict[str, Any]:
+        greedy = config.temperature == 0
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=config.max_new_tokens,
+            num_return_sequences=config.num_samples,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            return_dict_in_generate=True,
+            use_cache=True,
+        )
+        if config.num_beams > 1:
+            kwargs.update(num_beams=config.num_beams, do_sample=False)
+        elif greedy:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p,
+                          top_k=config.top_k or None)
+        return kwargs
+
+    def _keep_logits(self, config: SamplingConfig, n_prompts: int) -> bool:
+        if not config.record_logprobs or config.num_beams > 1:
+            return False
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        size = n_prompts * config.num_samples * config.max_new_tokens * vocab * 4
+        return size <= config.logprob_budget_mb * 2**20
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[PromptRecord], config: SamplingConfig,
+               progress: bool = False) -> list[dict]:
+        """K samples per prompt; rows ordered by prompt then sample_index."""
+        config.validate()
+        if config.temperature == 0 and config.num_samples > 1 and config.num_beams == 1:
+            # greedy decoding gives K identical answers; one is enough
+            config = SamplingConfig(**{**vars(config), "num_samples": 1})
+        model, tok = self.model, self.tokenizer
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        encoded = [encode_prompt(tok, p.prompt) for p in prompts]
+        rows: list[dict] = []
+        starts = range(0, len(prompts), config.batch_size)
+        bar = _progress(len(prompts), progress)
+        for start in starts:
+            idx = list(range(start, min(start + config.batch_size, len(prompts))))
+            keep = self._keep_logits(config, len(idx))
+            width = max(len(encoded[i]) for i in idx)
+            pad = tok.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx])
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i])
+                                 for i in idx])
+            torch.manual_seed(batch_seed(config.seed, prompts[idx[0]].prompt_id))
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                output_logits=keep, **self._generate_kwargs(config),
+            )
+            new = out.sequences[:, width:].cpu()  # (b·K, steps)
+            logps = None
+            if keep:
+                logits = torch.stack(out.logits, dim=1).float().cpu()  # (b·K, steps, V)
+                logps = logits.log_softmax(-1).gather(-1, new[:, :, None]).squeeze(-1)
+            k = config.num_samples
+            for j, i in enumerate(idx):
+                for s in range(k):
+                    rows.append(self._row(prompts[i], encoded[i], s, new[j * k + s],
+                                          None if logps is None else logps[j * k + s]))
+            if bar is not None:
+                bar.update(len(idx))
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+        return rows
+
+    def _row(self, prompt: PromptRecord, prompt_ids: list[int], index: int, tokens, logps):
+        eos = self.tokenizer.eos_token_id
+        ids = tokens.tolist()
+        finish = "length"
+        if eos in ids:
+            ids = ids[: ids.index(eos) + 1]
+            finish = "eos"
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return {
+            "prompt_id": prompt.prompt_id,
+            "prompt": prompt.prompt,
+            "prompt_ids": prompt_ids,
+            "sample_index": index,
+            "response": text,
+            "response_ids": ids,
+            "num_tokens": len(ids),
+            "num_chars": len(text),
+            "finish_reason": finish,
+            "logprob": None if logps is None else float(logps[: len(ids)].sum()),
+        }
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sample", unit="prompt", dynamic_ncols=True)

@@ -1,0 +1,124 @@
+"""Stage functions shared by the loop and the stand-alone commands (`prefloop sample|score|
+pair|best-of-n`): each works on plain rows and spreads its work over processes."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+
+from prefloop.config import RewardConfig, SamplingConfig
+from prefloop.sampling import PromptRecord
+
+
+class Processes:
+    """Rank, world size, gather and barrier; one process when not launched by accelerate."""
+
+    def __init__(self):
+        import os
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.state = None
+        if self.world > 1:
+            import torch
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.rank = self.state.process_index if self.state else 0
+        self.is_main = self.rank == 0
+
+    @property
+    def device(self):
+        import torch
+
+        return self.state.device if self.state else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+
+    def gather(self, items: list) -> list:
+        if self.world == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+    def barrier(self) -> None:
+        if self.state:
+            self.state.wait_for_everyone()
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj])[0]
+
+
+# ---------------------------------------------------------------- sampling and scoring
+
+
+def sample_prompts(policy: str, prompts: Sequence[PromptRecord], sampling: SamplingConfig,
+                   procs: Processes | None = None, trust_remote_code: bool = False,
+                   progress: bool = False, desc: str = "sample") -> list[dict]:
+    """K samples per prompt; generate batches spread over processes; rows in prompt order.
+
+    Batches are cut from the prompt order before they are spread, and each batch draws from
+    its own seed, so any number of processes writes the same rows.
+    """
+    from prefloop.models import load_causal_lm, load_tokenizer
+    from prefloop.sampling import HFSampler
+
+    procs = procs or Processes()
+    tok = load_tokenizer(policy, trust_remote_code)
+    model = load_causal_lm(policy, trust_remote_code).to(procs.device)
+    sampler = HFSampler(model, tok)
+    bs = sampling.batch_size
+    batches = [list(prompts[i : i + bs]) for i in range(0, len(prompts), bs)]
+    mine = [b for j, b in enumerate(batches) if j % procs.world == procs.rank]
+    rows = []
+    for batch in bar(mine, progress and procs.is_main, desc):
+        rows += sampler.sample(batch, sampling)
+    del model, sampler
+    gc.collect()
+    order = {p.prompt_id: i for i, p in enumerate(prompts)}
+    rows = procs.gather(rows)
+    return sorted(rows, key=lambda r: (order[r["prompt_id"]], r["sample_index"]))
+
+
+def score_rows(rows: Sequence[dict], reward: RewardConfig, procs: Processes | None = None,
+               trust_remote_code: bool = False, progress: bool = False,
+               desc: str = "score") -> list[float]:
+    """One score per row (`prompt`, `response`); the scorer is loaded once and released."""
+    from prefloop.rewards import build_scorer
+
+    procs = procs or Processes()
+    scorer = build_scorer(reward, trust_remote_code)
+    mine = list(range(procs.rank, len(rows), procs.world))
+    chunk = max(1, reward.batch_size * 4)
+    local = []
+    for start in bar(range(0, len(mine), chunk), progress and procs.is_main, desc):
+        idx = mine[start : start + chunk]
+        scores = scorer.score([rows[i]["prompt"] for i in idx], [rows[i]["response"] for i in idx])
+        local += list(zip(idx, scores, strict=True))
+    del scorer
+    gc.collect()
+    out = [0.0] * len(rows)
+    for i, s in procs.gather(local):
+        out[i] = s
+    return out
+
+
+def best_of_n(rows: Sequence[dict], scores: Sequence[float]) -> list[dict]:
+    """Per prompt, the highest-scoring sample (ties: the lowest sample_index)."""
+    best: dict[str, dict] = {}
+    for row, score in zip(rows, scores, strict=True):
+        current = best.get(row["prompt_id"])
+        if current is None or score > current["score"]:
+            best[row["prompt_id"]] = {**row, "score": score}
+    return list(best.values())
+
+
+def bar(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, dynamic_ncols=True, leave=False)

@@ -1,0 +1,16 @@
+"""Reward functions referenced as `tests.reward_functions:NAME` by the loop tests."""
+
+from __future__ import annotations
+
+
+def digits_and_brevity(prompts: list, responses: list[str]) -> list[float]:
+    """More digits is better, longer is a little worse; coarse so that ties happen."""
+    return [float(sum(c.isdigit() for c in r) // 2) - 0.01 * (len(r) // 20) for r in responses]
+
+
+def constant(prompts: list, responses: list[str]) -> list[float]:
+    return [1.0 for _ in responses]
+
+
+def not_a_number(prompts: list, responses: list[str]) -> list[float]:
+    return [float("nan") for _ in responses]
