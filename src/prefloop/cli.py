@@ -37,6 +37,210 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from prefloop.config import dump_yaml
+    from prefloop.loop import Loop, format_metrics_row, load_run_config, plan
+
+    cfg = load_run_config(args.config, args.overrides)
+    cfg.validate()
+    if args.dry_run:
+        print(dump_yaml(cfg), end="")
+        print_rows("prefloop run --dry-run", plan(cfg))
+        return 0
+    loop = Loop(cfg, progress=not args.quiet)
+    result = loop.run(resume=args.resume, redo_from=args.redo_from)
+    if not loop.procs.is_main:
+        return 0
+    print()
+    print("\n".join(format_metrics_row(m, header=i == 0) for i, m in enumerate(result.metrics)))
+    print_rows("prefloop run", [
+        ("run directory", str(result.run_dir)),
+        ("stages run / skipped", f"{len(result.stages_run)} / {len(result.skipped)}"),
+        ("report", f"prefloop report {result.run_dir}"),
+    ])
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from prefloop import io
+    from prefloop.config import SamplingConfig
+    from prefloop.loop import PromptsConfig, load_prompts
+    from prefloop.stages import Processes, sample_prompts
+
+    prompts = load_prompts(PromptsConfig(path=args.prompts, column=args.prompt_column,
+                                         id_column=args.id_column, limit=args.limit))
+    sampling = SamplingConfig(
+        num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+        num_beams=args.num_beams,
+    )
+    procs = Processes()
+    rows = sample_prompts(args.model, prompts, sampling, procs, args.trust_remote_code,
+                          not args.quiet)
+    if procs.is_main:
+        io.write_jsonl(args.out, rows)
+        _length_table("prefloop sample", rows, args.out)
+    return 0
+
+
+def _reward(args: argparse.Namespace):
+    from prefloop.config import RewardConfig
+
+    if bool(args.reward_model) == bool(args.reward_function):
+        raise PrefloopError("give exactly one of --reward-model and --reward-function")
+    if args.reward_model:
+        return RewardConfig(type="model", model=args.reward_model, batch_size=args.batch_size)
+    return RewardConfig(type="function", function=args.reward_function)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from prefloop import io
+    from prefloop.data import read_jsonl
+    from prefloop.stages import Processes, score_rows
+
+    rows = read_jsonl(args.input)
+    _require(rows, args.input, ("prompt", "response"))
+    procs = Processes()
+    scores = score_rows(rows, _reward(args), procs, args.trust_remote_code, not args.quiet)
+    if procs.is_main:
+        io.write_jsonl(args.out, [{**r, "score": s} for r, s in zip(rows, scores, strict=True)])
+        print_rows("prefloop score", [("rows", len(rows)),
+                                      ("mean score", sum(scores) / len(scores)),
+                                      ("output", args.out)])
+    return 0
+
+
+def _cmd_pair(args: argparse.Namespace) -> int:
+    from prefloop import io
+    from prefloop.data import load_rows, read_jsonl
+    from prefloop.pairing import PairingConfig, make_pairs
+
+    penalty = args.length_penalty
+    config = PairingConfig(
+        strategy=args.strategy, min_margin=args.min_margin,
+        length_penalty=penalty if penalty == "auto" else float(penalty),
+        length_unit=args.length_unit, replay_fraction=args.replay_fraction, seed=args.seed,
+    )
+    replay = load_rows(args.replay) if args.replay else []
+    pairs, stats = make_pairs(read_jsonl(args.input), config, replay)
+    io.write_jsonl(args.out, pairs)
+    print_rows("prefloop pair", [*stats.as_dict().items(), ("output", args.out)])
+    return 0
+
+
+def _cmd_best_of_n(args: argparse.Namespace) -> int:
+    from prefloop import io
+    from prefloop.config import SamplingConfig
+    from prefloop.loop import PromptsConfig, load_prompts
+    from prefloop.stages import Processes, best_of_n, sample_prompts, score_rows
+
+    prompts = load_prompts(PromptsConfig(path=args.prompts, column=args.prompt_column,
+                                         limit=args.limit))
+    sampling = SamplingConfig(num_samples=args.n, temperature=args.temperature,
+                              top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, seed=args.seed)
+    procs = Processes()
+    rows = sample_prompts(args.model, prompts, sampling, procs, args.trust_remote_code,
+                          not args.quiet)
+    scores = score_rows(rows, _reward(args), procs, args.trust_remote_code, not args.quiet)
+    if procs.is_main:
+        best = best_of_n(rows, scores)
+        io.write_jsonl(args.out, best)
+        mean_all = sum(scores) / len(scores)
+        mean_best = sum(r["score"] for r in best) / len(best)
+        print_rows("prefloop best-of-n", [
+            ("prompts", len(best)), ("n", args.n), ("mean score, all samples", mean_all),
+            ("mean score, best of n", mean_best),
+            ("mean chars, all / best", f"{sum(r['num_chars'] for r in rows) / len(rows):.1f} / "
+             f"{sum(r['num_chars'] for r in best) / len(best):.1f}"),
+            ("output", args.out),
+        ])
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from prefloop.data import read_jsonl
+    from prefloop.evaluate import length_controlled_win_rate, length_stats, preferences, win_rate
+    from prefloop.stages import Processes, score_rows
+
+    a, b = read_jsonl(args.a), read_jsonl(args.b)
+    for rows, path in ((a, args.a), (b, args.b)):
+        _require(rows, path, ("prompt_id", "prompt", "response"))
+    procs = Processes()
+    for rows in (a, b):
+        if args.rescore or any("score" not in r for r in rows):
+            scores = score_rows(rows, _reward(args), procs, args.trust_remote_code, not args.quiet)
+            for r, s in zip(rows, scores, strict=True):
+                r["score"] = s
+    if not procs.is_main:
+        return 0
+    first_b = {}
+    for r in b:
+        first_b.setdefault(r["prompt_id"], r)
+    seen, pa, pb = set(), [], []
+    for r in a:
+        if r["prompt_id"] in first_b and r["prompt_id"] not in seen:
+            seen.add(r["prompt_id"])
+            pa.append(r)
+            pb.append(first_b[r["prompt_id"]])
+    if not pa:
+        raise PrefloopError(f"{args.a} and {args.b} share no prompt_id")
+    sa, sb = [r["score"] for r in pa], [r["score"] for r in pb]
+    chars = lambda rows: [r.get("num_chars", len(r["response"])) for r in rows]  # noqa: E731
+    wr = win_rate(sa, sb)
+    lc = length_controlled_win_rate(preferences(sa, sb), chars(pa), chars(pb), fit=args.lc_fit)
+    la = length_stats([r.get("num_tokens", 0) for r in pa], chars(pa))
+    lb = length_stats([r.get("num_tokens", 0) for r in pb], chars(pb))
+    print_rows(f"prefloop evaluate: {args.a} vs {args.b}", [
+        ("prompts", wr.n),
+        ("win rate (soft)", f"{wr.soft:.1f} ± {wr.soft_se:.1f}"),
+        ("win rate (hard, ties ½)", f"{wr.hard:.1f} ± {wr.hard_se:.1f}"),
+        ("length-controlled win rate", f"{lc.lc:.1f}"),
+        ("mean / median chars A", f"{la['mean_chars']:.0f} / {la['median_chars']:.0f}"),
+        ("mean / median chars B", f"{lb['mean_chars']:.0f} / {lb['median_chars']:.0f}"),
+        ("mean reward A / B", f"{sum(sa) / len(sa):+.3f} / {sum(sb) / len(sb):+.3f}"),
+    ])
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from prefloop.report import write_report
+
+    runs = [Path(r) for r in args.runs]
+    out = Path(args.out) if args.out else runs[0] / "report.html"
+    path = write_report(runs, out)
+    print_rows("prefloop report", [("runs", len(runs)), ("report", str(path))])
+    return 0
+
+
+def _require(rows: list[dict], path: str, fields: tuple[str, ...]) -> None:
+    if not rows:
+        raise PrefloopError(f"{path}: no rows")
+    for i, row in enumerate(rows):
+        for f in fields:
+            if f not in row:
+                raise PrefloopError(f"{path}, row {i}, field {f!r}: missing")
+
+
+def _length_table(title: str, rows: list[dict], out: str) -> None:
+    n = len(rows)
+    print_rows(title, [
+        ("samples", n),
+        ("mean tokens", sum(r["num_tokens"] for r in rows) / n),
+        ("mean chars", sum(r["num_chars"] for r in rows) / n),
+        ("stopped at EOS", f"{sum(r['finish_reason'] == 'eos' for r in rows) / n:.0%}"),
+        ("output", out),
+    ])
+
+
+def print_rows(title, rows) -> None:
+    from prefloop.summary import print_table
+
+    print_table(title, rows)
+
+
 def _cmd_losses(args: argparse.Namespace) -> int:
     from prefloop.losses import LOSSES
     from prefloop.summary import print_table
@@ -76,6 +280,92 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
+
+    run = sub.add_parser(
+        "run", help="the iterative loop: sample, score, pair, train, evaluate; resumable",
+        description="Run T iterations of sample → score → pair → train → evaluate into a run "
+        "directory. Stages already done are skipped.",
+    )
+    run.add_argument("config", nargs="?", help="YAML run config (see recipes/)")
+    run.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    run.add_argument("--resume", action="store_true", help="continue an unfinished run")
+    run.add_argument("--redo-from", metavar="ITER/STAGE",
+                     help="redo from this stage on, e.g. iter_2/train (allows a changed config)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="resolve and validate the config, print the plan, load nothing")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    def model_options(p, sampling=True):
+        p.add_argument("--model", required=True, help="policy: hub id or directory")
+        p.add_argument("--prompts", required=True, help="prompts: jsonl/parquet/dir/hub id")
+        p.add_argument("--prompt-column", default="prompt", help="string or chat messages")
+        p.add_argument("--limit", type=int, default=0, help="use the first N prompts")
+        p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--trust-remote-code", action="store_true")
+        p.add_argument("-q", "--quiet", action="store_true")
+
+    def reward_options(p):
+        p.add_argument("--reward-model", help="sequence-classification reward model")
+        p.add_argument("--reward-function", help="a Python function, module:function")
+
+    sample = sub.add_parser("sample", help="sample K responses per prompt to samples.jsonl")
+    model_options(sample)
+    sample.add_argument("--id-column", default="", help="prompt id column (default: row number)")
+    sample.add_argument("-n", "--num-samples", type=int, default=4)
+    sample.add_argument("--num-beams", type=int, default=1, help="beam search width")
+    sample.add_argument("--out", required=True, help="output samples.jsonl")
+    sample.set_defaults(func=_cmd_sample)
+
+    score = sub.add_parser("score", help="score samples.jsonl with a reward model or function")
+    score.add_argument("input", help="samples.jsonl (prompt, response per row)")
+    reward_options(score)
+    score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--out", required=True, help="output scored.jsonl")
+    score.add_argument("--trust-remote-code", action="store_true")
+    score.add_argument("-q", "--quiet", action="store_true")
+    score.set_defaults(func=_cmd_score)
+
+    pair = sub.add_parser("pair", help="turn scored.jsonl into preference pairs (pairs.jsonl)")
+    pair.add_argument("input", help="scored.jsonl")
+    pair.add_argument("--strategy", default="best_vs_worst",
+                      help="best_vs_worst | random | all_pairs")
+    pair.add_argument("--min-margin", type=float, default=0.0, help="minimum score gap")
+    pair.add_argument("--length-penalty", default="0",
+                      help="α: pair on score − α·length; 'auto' picks α that zeroes the gap")
+    pair.add_argument("--length-unit", default="tokens", help="tokens | chars")
+    pair.add_argument("--replay", help="offline preference set to mix in")
+    pair.add_argument("--replay-fraction", type=float, default=0.0)
+    pair.add_argument("--seed", type=int, default=0)
+    pair.add_argument("--out", required=True, help="output pairs.jsonl")
+    pair.set_defaults(func=_cmd_pair)
+
+    bon = sub.add_parser("best-of-n", help="n samples per prompt, keep the highest-reward one")
+    model_options(bon)
+    reward_options(bon)
+    bon.add_argument("-n", type=int, default=16, help="samples per prompt")
+    bon.add_argument("--out", required=True, help="output jsonl, one row per prompt")
+    bon.set_defaults(func=_cmd_best_of_n)
+
+    ev = sub.add_parser("evaluate", help="win rate and length-controlled win rate of A vs B")
+    ev.add_argument("a", help="responses of model A (jsonl: prompt_id, prompt, response)")
+    ev.add_argument("b", help="responses of the baseline B on the same prompts")
+    reward_options(ev)
+    ev.add_argument("--rescore", action="store_true", help="score even rows that have a score")
+    ev.add_argument("--lc-fit", default="glm", help="glm | alpacaeval")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("-q", "--quiet", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    report = sub.add_parser("report", help="HTML report with plots for one or more run dirs")
+    report.add_argument("runs", nargs="+", help="run directories (several are overlaid)")
+    report.add_argument("--out", help="HTML path (default: RUN/report.html)")
+    report.set_defaults(func=_cmd_report)
 
     losses = sub.add_parser("losses", help="list the registered losses and their parameters")
     losses.set_defaults(func=_cmd_losses)

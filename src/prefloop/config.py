@@ -110,11 +110,15 @@ class RewardConfig:
 
     def validate(self, key: str = "reward") -> None:
         if self.type not in ("model", "function", "implicit"):
-            raise PrefloopError(f"{key}.type: {self.type!r} is not one of model, function, implicit")
+            raise PrefloopError(
+                f"{key}.type: {self.type!r} is not one of model, function, implicit"
+            )
         if self.type == "model" and not self.model:
             raise PrefloopError(f"{key}.model: required for a reward model (hub id or directory)")
         if self.type == "function" and ":" not in self.function:
-            raise PrefloopError(f"{key}.function: expected 'module:function', got {self.function!r}")
+            raise PrefloopError(
+                f"{key}.function: expected 'module:function', got {self.function!r}"
+            )
         if self.type == "implicit" and not (self.model and self.reference):
             raise PrefloopError(f"{key}: the implicit reward needs model and reference")
 

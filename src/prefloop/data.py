@@ -162,6 +162,12 @@ def preference_examples(
                 )
         else:
             raise PrefloopError(f"{where(source, i, prompt_column)}: missing column")
+        if isinstance(prompt, list):
+            # a chat prompt with plain-string answers: the answers are assistant turns
+            chosen, rejected = (
+                [{"role": "assistant", "content": x}] if isinstance(x, str) else x
+                for x in (chosen, rejected)
+            )
         kind = tuple(isinstance(x, list) for x in (prompt, chosen, rejected))
         if kind[0] != kind[1] or kind[1] != kind[2]:
             raise PrefloopError(

@@ -535,3 +535,36 @@ def run(cfg: RunConfig, resume: bool = False, redo_from: str | None = None,
     """Run (or continue) the loop described by `cfg`; returns the metrics per iteration."""
     cfg.validate()
     return Loop(cfg, progress).run(resume, redo_from)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix in (".jsonl", ".json", ".parquet")
+
+
+def plan(cfg: RunConfig) -> list[tuple[str, str]]:
+    """What `prefloop run` would do, checked without loading or downloading anything."""
+    cfg.validate()
+    for key, path in (("policy", cfg.policy), ("prompts.path", cfg.prompts.path),
+                      ("reward.model", cfg.reward.model if cfg.reward.type == "model" else ""),
+                      ("eval.prompts.path", cfg.eval.prompts.path),
+                      ("replay_data", cfg.replay_data)):
+        if path and _looks_local(path) and not Path(path).expanduser().exists():
+            raise PrefloopError(f"{key}: {path} does not exist")
+    params = ", ".join(f"{k}={v}" for k, v in cfg.loss.params.items())
+    per_iter = cfg.prompts.per_iteration or "all"
+    k = cfg.sampling.num_samples
+    return [
+        ("run directory", str(cfg.directory)),
+        ("policy π₀", cfg.policy),
+        ("reward", cfg.reward.model or cfg.reward.function or cfg.reward.type),
+        ("loss", f"{cfg.loss.name}({params})"),
+        ("reference", f"{cfg.reference} policy"),
+        ("iterations", str(cfg.iterations)),
+        ("prompts per iteration", f"{per_iter} from {cfg.prompts.path}"),
+        ("samples per prompt", f"{k} (temperature {cfg.sampling.temperature}, "
+                               f"≤ {cfg.sampling.max_new_tokens} new tokens)"),
+        ("pairing", f"{cfg.pairing.strategy}, length penalty {cfg.pairing.length_penalty}, "
+                    f"replay {cfg.pairing.replay_fraction}"),
+        ("eval prompts", cfg.eval.prompts.path or "none"),
+        ("stages", " → ".join(STAGES) + f" × {cfg.iterations}"),
+    ]

@@ -105,7 +105,9 @@ def import_function(spec: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise PrefloopError(f"reward.function: cannot import module {module_name!r} ({e})") from None
+        raise PrefloopError(
+            f"reward.function: cannot import module {module_name!r} ({e})"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise PrefloopError(f"reward.function: {module_name!r} has no function {attr!r}")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from prefloop import batching
 from prefloop.config import TrainConfig, config_hash, dump_yaml
-from prefloop.data import TokenizedPair, load_preferences, tokenize_pairs
+from prefloop.data import TokenizedPair, load_rows, pairs_from_rows
 from prefloop.errors import PrefloopError
 from prefloop.logprobs import (
     ResponseBatch,
@@ -65,6 +65,18 @@ class TrainResult:
     @property
     def pairs_per_second(self) -> float:
         return self.pairs_seen / self.seconds if self.seconds else 0.0
+
+
+def load_training_pairs(cfg: TrainConfig, tokenizer):
+    """Pairs from `cfg.data`: TRL-style rows, or the loop's pairs.jsonl with token ids."""
+    d = cfg.data
+    rows = load_rows(d.path, d.split)
+    renamed = {d.prompt_column: "prompt", d.chosen_column: "chosen",
+               d.rejected_column: "rejected"}
+    if any(k != v for k, v in renamed.items()):
+        rows = [{renamed.get(k, k): v for k, v in row.items()} for row in rows]
+    return pairs_from_rows(rows, tokenizer, d.max_length, d.max_prompt_length, d.truncation,
+                           str(d.path))
 
 
 # ---------------------------------------------------------------- cached no-grad passes
@@ -228,14 +240,7 @@ def train_preferences(
     policy = load_causal_lm(cfg.model, cfg.trust_remote_code)
     truncation = {}
     if pairs is None:
-        examples = load_preferences(
-            cfg.data.path, cfg.data.split, cfg.data.prompt_column, cfg.data.chosen_column,
-            cfg.data.rejected_column,
-        )
-        pairs, stats = tokenize_pairs(
-            examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length,
-            cfg.data.truncation,
-        )
+        pairs, stats = load_training_pairs(cfg, tokenizer)
         truncation = stats.as_dict()
     pad_id = tokenizer.pad_token_id
     device = accelerator.device
