@@ -18,12 +18,13 @@ import contextlib
 import json
 import platform
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefloop import io
+from prefloop import faults, io
 from prefloop.config import (
     DataConfig,
     LossConfig,
@@ -290,11 +291,10 @@ class Loop:
                 f"{self.dir}: an unfinished run is already here; pass --resume to continue it"
             )
         self.procs.barrier()
-        if self.procs.is_main:
-            if redo_from:
-                dropped = manifest.forget_from(redo_from)
-                self.echo(f"redoing {len(dropped)} stage(s) from {redo_from}")
-                manifest.data.pop("finished", None)
+        if self.procs.is_main and redo_from:
+            dropped = manifest.forget_from(redo_from)
+            self.echo(f"redoing {len(dropped)} stage(s) from {redo_from}")
+            manifest.data.pop("finished", None)
             manifest.data["config_hash"] = digest
             io.write_json(path, manifest.data)
             io.write_text(self.dir / "config.yaml", dump_yaml(cfg))
@@ -330,6 +330,10 @@ class Loop:
         if self.manifest.done(key) and artifact.exists():
             self.skipped.append(key)
             return
+        for leftover in artifact.parent.glob(f".{artifact.name}.*"):
+            # temporaries of an interrupted attempt (atomic writes never expose them)
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        faults.set_stage(key)
         start = time.perf_counter()
         info = fn() or {}
         self.procs.barrier()

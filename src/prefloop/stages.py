@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Sequence
 
+from prefloop import faults
 from prefloop.config import RewardConfig, SamplingConfig
 from prefloop.sampling import PromptRecord
 
@@ -76,6 +77,7 @@ def sample_prompts(policy: str, prompts: Sequence[PromptRecord], sampling: Sampl
     rows = []
     for batch in bar(mine, progress and procs.is_main, desc):
         rows += sampler.sample(batch, sampling)
+        faults.point()
     del model, sampler
     gc.collect()
     order = {p.prompt_id: i for i, p in enumerate(prompts)}
@@ -98,6 +100,7 @@ def score_rows(rows: Sequence[dict], reward: RewardConfig, procs: Processes | No
         idx = mine[start : start + chunk]
         scores = scorer.score([rows[i]["prompt"] for i in idx], [rows[i]["response"] for i in idx])
         local += list(zip(idx, scores, strict=True))
+        faults.point()
     del scorer
     gc.collect()
     out = [0.0] * len(rows)

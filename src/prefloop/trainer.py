@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from prefloop import batching
+from prefloop import batching, faults
 from prefloop.config import TrainConfig, config_hash, dump_yaml
 from prefloop.data import TokenizedPair, load_rows, pairs_from_rows
 from prefloop.errors import PrefloopError
@@ -349,6 +349,7 @@ def train_preferences(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         pairs_seen += step_pairs
+        faults.point()
         record = {k: v / step_pairs for k, v in sums.items()}
         record["margin"] = record["chosen_reward"] - record["rejected_reward"]
         record.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],

@@ -1,0 +1,411 @@
+"""Evaluation metrics: win rate, length-controlled win rate, length statistics, KL estimate.
+
+Pure functions over numbers (numpy arrays or sequences); nothing here runs a model. The loop
+samples responses from the policy π_t and the baseline (usually the initial policy π₀) on the
+same evaluation prompts, scores both with the reward model (the judge), and passes the scores,
+lengths and log-probabilities here.
+
+Conventions (METHODS.md, "Evaluation"):
+
+- model A is the one evaluated, B the baseline; ``s_A,i`` and ``s_B,i`` are the judge's scores
+  of the two responses to prompt ``i``; ``σ`` is the logistic function;
+- every rate (win rate, its standard error, LC win rate) is reported in **percent, 0..100**,
+  the unit of ``metrics.jsonl`` and of AlpacaEval's leaderboard;
+- standard errors are the sample standard deviation (ddof=1) over prompts divided by √n, and 0
+  when n = 1;
+- lengths for the length-controlled win rate are in characters by convention (AlpacaEval's
+  unit), but any unit works: the length difference is standardised before use.
+
+Bad input (empty or mismatched arrays, non-finite values, preferences outside [0, 1]) raises
+:class:`prefloop.errors.PrefloopError` naming the argument.
+
+``scipy`` is needed for ``fit="glm"`` and ``scikit-learn`` for ``fit="alpacaeval"``; both are
+imported only when used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from prefloop.errors import PrefloopError
+
+__all__ = [
+    "ALPACAEVAL_C_GRID",
+    "ALPACAEVAL_FOLDS",
+    "LCWinRate",
+    "WinRate",
+    "kl_estimate",
+    "length_controlled_win_rate",
+    "length_feature",
+    "length_stats",
+    "preferences",
+    "win_rate",
+]
+
+#: Inverse L1 strengths AlpacaEval's fit chooses among: 10 values log-spaced over [1e-4, 1e4].
+ALPACAEVAL_C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 4, 10))
+#: Folds of the prompt-grouped cross-validation that picks C.
+ALPACAEVAL_FOLDS = 5
+# The unregularised fit has no finite optimum when the data are separable (e.g. A wins every
+# prompt): coefficients are bounded here so the fit stays finite; σ(50) = 1 − 2e-22.
+_THETA_BOUND = 50.0
+
+FitMethod = Literal["glm", "alpacaeval"]
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """σ(z) = ½(1 + tanh(z/2)): no overflow for any z, and σ(0) = ½ exactly."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def _as_1d(name: str, values: ArrayLike, n: int | None = None) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1:
+        raise PrefloopError(f"{name}: expected a 1-D sequence, got shape {arr.shape}")
+    if arr.size == 0:
+        raise PrefloopError(f"{name}: is empty; need at least one prompt")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise PrefloopError(f"{name}: element {bad[0]} is {arr[bad[0]]}, expected a finite number")
+    if n is not None and arr.size != n:
+        raise PrefloopError(f"{name}: has {arr.size} elements, expected {n} (one per prompt)")
+    return arr
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error std(x, ddof=1)/√n (0 when n = 1)."""
+    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
+    return float(x.mean()), se
+
+
+def _soft_log_loss(y: np.ndarray, z: np.ndarray) -> float:
+    """Mean of −[y·log σ(z) + (1−y)·log(1−σ(z))], computed from the logit z without overflow.
+
+    This equals the weighted log-loss of the duplicated rows (label 1 with weight y, label 0
+    with weight 1−y), divided by the number of prompts.
+    """
+    return float(np.mean(y * np.logaddexp(0.0, -z) + (1.0 - y) * np.logaddexp(0.0, z)))
+
+
+# ------------------------------------------------------------------------------- win rate
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """Win rate of A against B, in percent (0..100), with standard errors in percent.
+
+    - ``soft``: mean_i σ(s_A,i − s_B,i) · 100;
+    - ``hard``: mean_i (1[s_A,i > s_B,i] + ½·1[s_A,i = s_B,i]) · 100 (draws count ½);
+    - ``*_se``: std_i(·, ddof=1)/√n · 100, 0 when n = 1;
+    - ``n``: number of prompts.
+    """
+
+    soft: float
+    soft_se: float
+    hard: float
+    hard_se: float
+    n: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def preferences(
+    scores_a: ArrayLike, scores_b: ArrayLike, kind: Literal["soft", "hard"] = "soft"
+) -> np.ndarray:
+    """Per-prompt probability that the judge prefers A's response over B's.
+
+    - ``kind="soft"``: p_i = σ(s_A,i − s_B,i) (Bradley–Terry reading of reward-model scores);
+    - ``kind="hard"``: p_i = 1[s_A,i > s_B,i] + ½·1[s_A,i = s_B,i].
+
+    Identical scores give exactly ½ either way. The result is the ``preference`` argument of
+    :func:`length_controlled_win_rate`.
+    """
+    a = _as_1d("scores_a", scores_a)
+    b = _as_1d("scores_b", scores_b, a.size)
+    if kind == "soft":
+        return _sigmoid(a - b)
+    if kind == "hard":
+        return (a > b).astype(np.float64) + 0.5 * (a == b)
+    raise PrefloopError(f"kind: must be 'soft' or 'hard', got {kind!r}")
+
+
+def win_rate(scores_a: ArrayLike, scores_b: ArrayLike) -> WinRate:
+    """Win rate of model A against baseline B judged by scores on the same prompts.
+
+    Per prompt i, soft ``p_i = σ(s_A,i − s_B,i)`` and hard
+    ``h_i = 1[s_A,i > s_B,i] + ½·1[s_A,i = s_B,i]``; each is reported as mean · 100 with the
+    standard error ``std(ddof=1)/√n · 100`` (0 for a single prompt). A model against itself
+    (equal scores) gets exactly 50 ± 0.
+    """
+    soft, soft_se = _mean_se(preferences(scores_a, scores_b, "soft"))
+    hard, hard_se = _mean_se(preferences(scores_a, scores_b, "hard"))
+    return WinRate(
+        soft=100.0 * soft,
+        soft_se=100.0 * soft_se,
+        hard=100.0 * hard,
+        hard_se=100.0 * hard_se,
+        n=int(np.asarray(scores_a).size),
+    )
+
+
+# ---------------------------------------------------------------- length-controlled win rate
+
+
+@dataclass(frozen=True)
+class LCWinRate:
+    """Length-controlled win rate of A against B (AlpacaEval 2's GLM), in percent.
+
+    - ``lc``: mean_i σ(θ_m [+ θ_d·difficulty_i]) · 100, the win rate the fitted model predicts
+      at equal lengths;
+    - ``win_rate``: mean_i preference_i · 100, the raw (not length-controlled) win rate;
+    - ``theta_length``, ``theta_model``, ``theta_difficulty``: the fitted coefficients
+      (``theta_difficulty`` is None without a difficulty covariate). ``theta_length`` < 0 means
+      the judge prefers longer responses (the feature is tanh of len_B − len_A);
+    - ``C``: the inverse L1 strength chosen by cross-validation (``fit="alpacaeval"``), None for
+      the unregularised fit;
+    - ``n``: number of prompts; ``fit``: which fit produced it.
+    """
+
+    lc: float
+    win_rate: float
+    theta_length: float
+    theta_model: float
+    theta_difficulty: float | None
+    C: float | None
+    n: int
+    fit: str
+
+    def as_dict(self) -> dict[str, float | int | str | None]:
+        return asdict(self)
+
+
+def length_feature(len_a: ArrayLike, len_b: ArrayLike) -> np.ndarray:
+    """The GLM's length covariate ``tanh(d_i / sd(d))`` with ``d_i = len_B,i − len_A,i``.
+
+    ``sd`` is the sample standard deviation over prompts (ddof=1). ``d`` is scaled, not
+    centred. When sd is 0 (all differences equal, a single prompt included) the length effect
+    cannot be told apart from the model term, and the feature is 0 everywhere.
+    """
+    a = _as_1d("len_a", len_a)
+    b = _as_1d("len_b", len_b, a.size)
+    d = b - a
+    sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
+    if not sd > 0.0:
+        return np.zeros_like(d)
+    return np.tanh(d / sd)
+
+
+def _fit_glm(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Unregularised maximum likelihood of P(win) = σ(xᵀθ) with soft labels y.
+
+    Minimises L(θ) = mean_i [y_i·softplus(−z_i) + (1−y_i)·softplus(z_i)], z = Xθ, whose
+    gradient is Xᵀ(σ(z) − y)/n; this is the log-likelihood of the duplicated rows (label 1
+    with weight y_i, label 0 with weight 1−y_i). Coefficients are bounded to ±50 so that
+    separable data (e.g. A wins every prompt) give a finite fit with σ(θ) ≈ 0 or 1.
+    """
+    from scipy.optimize import minimize
+
+    n, k = x.shape
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        z = x @ theta
+        return _soft_log_loss(y, z), x.T @ (_sigmoid(z) - y) / n
+
+    result = minimize(
+        objective,
+        np.zeros(k),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(-_THETA_BOUND, _THETA_BOUND)] * k,
+        options={"maxiter": 10_000, "ftol": 1e-15, "gtol": 1e-12},
+    )
+    theta = result.x
+    # Two Newton steps polish the optimum where it is interior and the Hessian is invertible;
+    # L-BFGS-B stops at ~1e-8 in θ, Newton takes it to machine precision.
+    for _ in range(2):
+        z = x @ theta
+        p = _sigmoid(z)
+        grad = x.T @ (p - y) / n
+        hess = (x * (p * (1.0 - p))[:, None]).T @ x / n
+        if np.linalg.cond(hess) > 1e10 or np.any(np.abs(theta) >= _THETA_BOUND - 1.0):
+            break
+        theta = np.clip(theta - np.linalg.solve(hess, grad), -_THETA_BOUND, _THETA_BOUND)
+    return theta
+
+
+def _l1_logistic(x: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
+    """L1-penalised logistic regression without intercept (liblinear) on soft labels.
+
+    Minimises ‖θ‖₁ + C·Σ_rows w·logloss over the duplicated rows (label 1 with weight y_i,
+    label 0 with weight 1−y_i; rows of weight 0 dropped).
+    """
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    m = y.size
+    xs = np.concatenate([x, x])
+    labels = np.concatenate([np.ones(m), np.zeros(m)])
+    weights = np.concatenate([y, 1.0 - y])
+    keep = weights > 0
+    if np.unique(labels[keep]).size < 2:
+        raise PrefloopError(
+            "fit='alpacaeval': every preference in a fitting set is "
+            f"{'1 (A always wins)' if labels[keep][0] == 1 else '0 (A always loses)'}; liblinear "
+            "needs both outcomes. Use fit='glm', whose bounded fit handles this case"
+        )
+    # scikit-learn ≥ 1.8 spells the L1 penalty l1_ratio=1 and deprecates `penalty`.
+    major, minor = (int(v) for v in sklearn.__version__.split(".")[:2])
+    penalty = {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
+    model = LogisticRegression(
+        C=c,
+        solver="liblinear",
+        fit_intercept=False,
+        tol=1e-6,
+        max_iter=1000,
+        random_state=0,
+        **penalty,
+    )
+    model.fit(xs[keep], labels[keep], sample_weight=weights[keep])
+    return model.coef_.ravel().astype(np.float64)
+
+
+def _fit_alpacaeval(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    """AlpacaEval's fit: C by prompt-grouped k-fold CV on the soft log-loss, then a full refit.
+
+    Prompts (each carrying both of its duplicated rows) are dealt into min(5, n) folds by a
+    seeded random permutation; each C in :data:`ALPACAEVAL_C_GRID` is scored by the mean
+    held-out soft log-loss −[y·log p + (1−y)·log(1−p)] over all prompts; the smallest loss wins
+    (ties go to the smaller C), and the model is refitted on every prompt with that C.
+    """
+    n = y.size
+    k = min(ALPACAEVAL_FOLDS, n)
+    if k < 2:
+        raise PrefloopError("fit='alpacaeval': cross-validation needs at least 2 prompts")
+    folds = np.array_split(np.random.default_rng(seed).permutation(n), k)
+    cv_losses = []
+    for c in ALPACAEVAL_C_GRID:
+        held_out_logit = np.empty(n)
+        for test in folds:
+            train = np.setdiff1d(np.arange(n), test)
+            held_out_logit[test] = x[test] @ _l1_logistic(x[train], y[train], c)
+        cv_losses.append(_soft_log_loss(y, held_out_logit))
+    best = ALPACAEVAL_C_GRID[int(np.argmin(cv_losses))]
+    return _l1_logistic(x, y, best), best
+
+
+def length_controlled_win_rate(
+    preference: ArrayLike,
+    len_a: ArrayLike,
+    len_b: ArrayLike,
+    difficulty: ArrayLike | None = None,
+    fit: FitMethod = "glm",
+    seed: int = 0,
+) -> LCWinRate:
+    """Length-controlled win rate of A against B (AlpacaEval 2's GLM, METHODS.md).
+
+    Per prompt i: ``y_i`` = ``preference[i]``, the judge's probability that A wins (soft or
+    hard; a draw is ½), and ``d_i = len_B,i − len_A,i`` scaled by its sample standard deviation
+    (ddof=1) over prompts (see :func:`length_feature`). The model, without intercept, is
+
+        P(A wins on i) = σ(θ_len·tanh(d_i / sd(d)) + θ_m [+ θ_d·difficulty_i])
+
+    fitted by logistic regression with soft labels: each prompt is two rows, label 1 with
+    weight y_i and label 0 with weight 1 − y_i. The result is the win rate predicted at equal
+    lengths (d_i = 0):
+
+        LC = mean_i σ(θ_m [+ θ_d·difficulty_i]) · 100.
+
+    ``fit="glm"`` (default) is unregularised maximum likelihood. ``fit="alpacaeval"`` matches
+    AlpacaEval's fit: L1-penalised (liblinear, no intercept, every coefficient penalised) with
+    C chosen among 10 values log-spaced over [1e-4, 1e4] by 5-fold cross-validation grouped by
+    prompt and scored by the soft log-loss; the fold assignment is a random permutation of the
+    prompts drawn with ``seed``.
+
+    Properties: a model against itself (y ≡ ½, d ≡ 0) gives exactly 50; with no length
+    differences, or all equal ones, the length term is 0 and (glm, no difficulty) LC equals the
+    raw win rate; without difficulty, swapping A and B gives 100 − LC.
+
+    ``difficulty`` is an optional per-prompt covariate (AlpacaEval's instruction difficulty,
+    estimated beforehand from many models' comparisons); prefloop does not estimate it.
+
+    Not implemented: AlpacaEval 2's optional regularisation with rows comparing the baseline to
+    versions of itself prompted to be verbose or concise. How those rows enter the model (which
+    coefficients they share, their weight) is not specified precisely enough in METHODS.md to
+    reproduce faithfully.
+    """
+    y = _as_1d("preference", preference)
+    if np.any((y < 0.0) | (y > 1.0)):
+        i = int(np.flatnonzero((y < 0.0) | (y > 1.0))[0])
+        raise PrefloopError(f"preference: element {i} is {y[i]}, expected a probability in [0, 1]")
+    n = y.size
+    columns = [length_feature(_as_1d("len_a", len_a, n), _as_1d("len_b", len_b, n)), np.ones(n)]
+    if difficulty is not None:
+        columns.append(_as_1d("difficulty", difficulty, n))
+    x = np.stack(columns, axis=1)  # (n, 2 or 3): [length, model, difficulty?]
+
+    if fit == "glm":
+        theta, c = _fit_glm(x, y), None
+    elif fit == "alpacaeval":
+        theta, c = _fit_alpacaeval(x, y, seed)
+    else:
+        raise PrefloopError(f"fit: must be 'glm' or 'alpacaeval', got {fit!r}")
+
+    equal_length_logit = x[:, 1:] @ theta[1:]  # the length column set to 0
+    return LCWinRate(
+        lc=100.0 * float(np.mean(_sigmoid(equal_length_logit))),
+        win_rate=100.0 * float(np.mean(y)),
+        theta_length=float(theta[0]),
+        theta_model=float(theta[1]),
+        theta_difficulty=float(theta[2]) if difficulty is not None else None,
+        C=c,
+        n=n,
+        fit=fit,
+    )
+
+
+# ------------------------------------------------------------------- lengths and divergence
+
+
+def length_stats(
+    token_lengths: Sequence[float] | ArrayLike, char_lengths: Sequence[float] | ArrayLike
+) -> dict[str, float]:
+    """Mean and median response length in tokens and characters.
+
+    Returns ``{"mean_tokens", "median_tokens", "mean_chars", "median_chars"}``, the keys of a
+    ``metrics.jsonl`` row.
+    """
+    tokens = _as_1d("token_lengths", token_lengths)
+    chars = _as_1d("char_lengths", char_lengths)
+    return {
+        "mean_tokens": float(np.mean(tokens)),
+        "median_tokens": float(np.median(tokens)),
+        "mean_chars": float(np.mean(chars)),
+        "median_chars": float(np.median(chars)),
+    }
+
+
+def kl_estimate(policy_logps: ArrayLike, initial_logps: ArrayLike) -> tuple[float, float]:
+    """Monte-Carlo estimate of KL(π ‖ π₀) from the policy's own samples, with its standard error.
+
+    For responses y_j ~ π(·|x_j), with ``lp_j = log π(y_j|x_j)`` and ``l0_j = log π₀(y_j|x_j)``
+    (summed over response tokens),
+
+        KL(π ‖ π₀) = E_{y~π}[log π(y|x) − log π₀(y|x)] ≈ mean_j (lp_j − l0_j),
+
+    with standard error std_j(lp_j − l0_j, ddof=1)/√m (0 when m = 1), in nats per response.
+    The estimator is unbiased, but single terms can be negative, and so can the mean of a
+    small sample. It is only valid on samples drawn from π, not on π₀'s samples.
+    """
+    lp = _as_1d("policy_logps", policy_logps)
+    l0 = _as_1d("initial_logps", initial_logps, lp.size)
+    return _mean_se(lp - l0)

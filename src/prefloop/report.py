@@ -1,0 +1,633 @@
+"""Run reports: plots and one self-contained HTML page for one or several run directories.
+
+``write_report([RUN_A, RUN_B], out)`` reads each run directory, draws the plots with
+matplotlib's Agg renderer into ``out.parent / "plots" / *.png`` and writes ``out``, an HTML
+page that embeds the same PNGs as ``data:`` URIs and carries its CSS inline, so the page can be
+mailed or opened offline. Several runs are overlaid on the same axes, one colour per run, so
+that e.g. iDPO's growing length and iLR-DPO's flat one are visible at a glance.
+
+The run directory layout it reads (written by the loop)::
+
+    RUN/config.yaml                  optional; only its top-level `name:` is used
+    RUN/metrics.jsonl                required; one row per evaluated iteration (0 = initial)
+        {"iteration", "mean_reward", "mean_tokens", "median_tokens", "mean_chars",
+         "median_chars", "win_rate", "win_rate_se", "lc_win_rate", "kl", "gold_accuracy"?}
+        (win rates in percent against the initial policy; any field but iteration may be
+        null or absent)
+    RUN/iter_<t>/eval_samples.jsonl  optional; {"prompt_id", "response", "score",
+                                     "num_tokens", "num_chars"} per evaluated response
+    RUN/iter_<t>/train_log.jsonl     optional; per-step {"step", "loss", "accuracy", ...}
+
+Optional files and fields that are missing are skipped (their plot or column is left out).
+A run directory without ``metrics.jsonl``, or a file that is not valid JSONL, raises
+:class:`~prefloop.errors.PrefloopError` naming the file and row.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefloop.errors import PrefloopError, where
+from prefloop.io import atomic_path
+
+__all__ = ["RunData", "load_run", "write_report"]
+
+METRIC_FIELDS = (
+    "mean_reward",
+    "mean_tokens",
+    "median_tokens",
+    "mean_chars",
+    "median_chars",
+    "win_rate",
+    "win_rate_se",
+    "lc_win_rate",
+    "kl",
+    "gold_accuracy",
+)
+_ITER_DIR = re.compile(r"^iter_(\d+)$")
+# At most this many responses per iteration go into the reward-vs-length scatter.
+_MAX_SCATTER_POINTS = 3000
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class RunData:
+    """Everything a report shows about one run directory."""
+
+    name: str
+    path: Path
+    metrics: list[dict[str, Any]]  # sorted by iteration
+    samples: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # iteration → rows
+    train_logs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # iteration → rows
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(iterations, values) of a metrics field, rows where it is null or absent dropped."""
+        pairs = [(r["iteration"], r[key]) for r in self.metrics if r.get(key) is not None]
+        return [p[0] for p in pairs], [float(p[1]) for p in pairs]
+
+    def has(self, key: str) -> bool:
+        return any(row.get(key) is not None for row in self.metrics)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrefloopError(f"{where(str(path), i)}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise PrefloopError(f"{where(str(path), i)}: expected a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_numbers(path: Path, rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
+    for i, row in enumerate(rows, start=1):
+        for key in keys:
+            value = row.get(key)
+            if value is not None and not _is_number(value):
+                raise PrefloopError(
+                    f"{where(str(path), i, key)}: expected a number or null, got {value!r}"
+                )
+
+
+def _run_name(run_dir: Path) -> str:
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("name"), str) and data["name"]:
+            return data["name"]
+    return run_dir.resolve().name
+
+
+def load_run(run_dir: Path | str) -> RunData:
+    """Read a run directory (layout in the module docstring) into a :class:`RunData`."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        what = "is not a directory" if not run_dir.is_dir() else "has no metrics.jsonl"
+        raise PrefloopError(
+            f"{metrics_path}: not found; {run_dir} {what} (is it a prefloop run directory?)"
+        )
+    metrics = _read_jsonl(metrics_path)
+    for i, row in enumerate(metrics, start=1):
+        if not isinstance(row.get("iteration"), int) or isinstance(row["iteration"], bool):
+            raise PrefloopError(
+                f"{where(str(metrics_path), i, 'iteration')}: expected an integer, "
+                f"got {row.get('iteration')!r}"
+            )
+    _check_numbers(metrics_path, metrics, METRIC_FIELDS)
+    metrics.sort(key=lambda r: r["iteration"])
+
+    samples: dict[int, list[dict[str, Any]]] = {}
+    train_logs: dict[int, list[dict[str, Any]]] = {}
+    for sub in sorted(run_dir.iterdir()):
+        match = _ITER_DIR.match(sub.name)
+        if not (match and sub.is_dir()):
+            continue
+        t = int(match.group(1))
+        if (sub / "eval_samples.jsonl").is_file():
+            rows = _read_jsonl(sub / "eval_samples.jsonl")
+            _check_numbers(sub / "eval_samples.jsonl", rows, ("score", "num_tokens", "num_chars"))
+            samples[t] = rows
+        if (sub / "train_log.jsonl").is_file():
+            rows = _read_jsonl(sub / "train_log.jsonl")
+            _check_numbers(sub / "train_log.jsonl", rows, ("step", "loss", "accuracy"))
+            train_logs[t] = rows
+    return RunData(
+        name=_run_name(run_dir),
+        path=run_dir,
+        metrics=metrics,
+        samples=dict(sorted(samples.items())),
+        train_logs=dict(sorted(train_logs.items())),
+    )
+
+
+# --------------------------------------------------------------------------------- plots
+
+
+def _new_figure(width: float, height: float, rows: int = 1, cols: int = 1, **kw: Any):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)  # render with Agg whatever the user's default backend is
+    axes = fig.subplots(rows, cols, squeeze=False, **kw)
+    return fig, axes
+
+
+def _colour(index: int) -> str:
+    from matplotlib import colormaps
+
+    return colormaps["tab10"](index % 10)
+
+
+def _iteration_axis(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("iteration (0 = initial policy)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _plot_reward(runs: Sequence[RunData]):
+    if not any(r.has("mean_reward") for r in runs):
+        return None
+    fig, axes = _new_figure(7, 4)
+    ax = axes[0, 0]
+    for i, run in enumerate(runs):
+        xs, ys = run.series("mean_reward")
+        ax.plot(xs, ys, "o-", color=_colour(i), label=run.name)
+    ax.set_ylabel("mean reward-model score")
+    ax.set_title("Reward on the evaluation prompts")
+    _iteration_axis(ax)
+    ax.legend()
+    return fig
+
+
+def _plot_length(runs: Sequence[RunData]):
+    units = [u for u in ("tokens", "chars") if any(r.has(f"mean_{u}") for r in runs)]
+    if not units:
+        return None
+    fig, axes = _new_figure(5.5 * len(units), 4, 1, len(units))
+    for ax, unit in zip(axes[0], units, strict=True):
+        for i, run in enumerate(runs):
+            xs, ys = run.series(f"mean_{unit}")
+            ax.plot(xs, ys, "o-", color=_colour(i), label=f"{run.name} mean")
+            xs, ys = run.series(f"median_{unit}")
+            if xs:
+                ax.plot(xs, ys, "s--", color=_colour(i), alpha=0.6, label=f"{run.name} median")
+        ax.set_ylabel(f"response length ({unit})")
+        ax.set_title(f"Length in {unit}")
+        _iteration_axis(ax)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def _plot_win_rates(runs: Sequence[RunData]):
+    if not any(r.has("win_rate") or r.has("lc_win_rate") for r in runs):
+        return None
+    fig, axes = _new_figure(7, 4)
+    ax = axes[0, 0]
+    ax.axhline(50.0, color="grey", lw=1, ls=":")
+    for i, run in enumerate(runs):
+        xs, ys = run.series("lc_win_rate")
+        if xs:
+            ax.plot(xs, ys, "o-", color=_colour(i), label=f"{run.name} LC win rate")
+        rows = [r for r in run.metrics if r.get("win_rate") is not None]
+        if rows:
+            ax.errorbar(
+                [r["iteration"] for r in rows],
+                [r["win_rate"] for r in rows],
+                yerr=[r.get("win_rate_se") or 0.0 for r in rows],
+                fmt="s--",
+                color=_colour(i),
+                alpha=0.6,
+                capsize=3,
+                label=f"{run.name} raw win rate",
+            )
+    ax.set_ylabel("% against the initial policy")
+    ax.set_title("Win rate (dashed, ± s.e.) and length-controlled win rate (solid)")
+    _iteration_axis(ax)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _plot_metric(runs: Sequence[RunData], key: str, ylabel: str, title: str):
+    if not any(r.has(key) for r in runs):
+        return None
+    fig, axes = _new_figure(7, 4)
+    ax = axes[0, 0]
+    for i, run in enumerate(runs):
+        xs, ys = run.series(key)
+        ax.plot(xs, ys, "o-", color=_colour(i), label=run.name)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _iteration_axis(ax)
+    ax.legend()
+    return fig
+
+
+def _plot_reward_vs_length(runs: Sequence[RunData]):
+    """One panel per run (shared axes): each response's score against its length in tokens,
+    coloured by iteration, with each iteration's mean drawn as a large outlined marker."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import MaxNLocator
+
+    with_samples = [r for r in runs if r.samples]
+    if not with_samples:
+        return None
+    last = max(t for r in with_samples for t in r.samples)
+    norm = Normalize(vmin=0, vmax=max(last, 1))
+    cmap = colormaps["viridis"]
+    n = len(with_samples)
+    fig, axes = _new_figure(min(5.5 * n, 16), 4.2, 1, n, sharex=True, sharey=True)
+    rng = np.random.default_rng(0)
+    for ax, run in zip(axes[0], with_samples, strict=True):
+        for t, rows in run.samples.items():
+            pts = np.array(
+                [
+                    (r["num_tokens"], r["score"])
+                    for r in rows
+                    if r.get("num_tokens") is not None and r.get("score") is not None
+                ],
+                dtype=float,
+            ).reshape(-1, 2)
+            if not len(pts):
+                continue
+            if len(pts) > _MAX_SCATTER_POINTS:
+                pts = pts[rng.choice(len(pts), _MAX_SCATTER_POINTS, replace=False)]
+            colour = cmap(norm(t))
+            ax.scatter(pts[:, 0], pts[:, 1], s=9, alpha=0.35, color=colour, lw=0)
+            ax.scatter(*pts.mean(axis=0), s=110, color=colour, edgecolor="black", zorder=3)
+        ax.set_title(run.name)
+        ax.set_xlabel("response length (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("reward-model score")
+    bar = fig.colorbar(
+        ScalarMappable(norm=norm, cmap=cmap),
+        ax=list(axes[0]),
+        shrink=0.9,
+        ticks=MaxNLocator(integer=True),
+    )
+    bar.set_label("iteration (large dots: iteration means)")
+    return fig
+
+
+def _smooth(values: Sequence[float]) -> Any:
+    import numpy as np
+
+    y = np.asarray(values, dtype=float)
+    window = max(1, len(y) // 25)
+    if window == 1:
+        return y
+    kernel = np.ones(window)
+    # running mean that keeps the length and does not bias the ends toward 0
+    return np.convolve(y, kernel, "same") / np.convolve(np.ones_like(y), kernel, "same")
+
+
+def _concatenated_steps(run: RunData) -> tuple[list[float], dict[str, list[float]], list[float]]:
+    """Steps of all iterations on one axis: iteration t's steps start where t−1's ended.
+
+    Returns (x, {field: values}, boundaries) with NaN where a row lacks a field.
+    """
+    xs: list[float] = []
+    values: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    boundaries: list[float] = []
+    offset = 0.0
+    for rows in run.train_logs.values():
+        if not rows:
+            continue
+        if offset > 0:
+            boundaries.append(offset - 0.5)
+        steps = [r.get("step") for r in rows]
+        if all(s is not None for s in steps):
+            first = float(steps[0])
+            local = [float(s) - first for s in steps]
+        else:
+            local = [float(j) for j in range(len(rows))]
+        spacing = (local[-1] - local[0]) / (len(local) - 1) if len(local) > 1 else 1.0
+        xs.extend(offset + v for v in local)
+        for key, out in values.items():
+            out.extend(float(r[key]) if r.get(key) is not None else math.nan for r in rows)
+        offset += local[-1] + max(spacing, 1.0)
+    return xs, values, boundaries
+
+
+def _plot_training(runs: Sequence[RunData]):
+    with_logs = [(i, r) for i, r in enumerate(runs) if any(r.train_logs.values())]
+    if not with_logs:
+        return None
+    fig, axes = _new_figure(10, 6, 2, 1, sharex=True)
+    for i, run in with_logs:
+        xs, values, boundaries = _concatenated_steps(run)
+        for ax, key in zip(axes[:, 0], ("loss", "accuracy"), strict=True):
+            ys = values[key]
+            if all(math.isnan(v) for v in ys):
+                continue
+            ax.plot(xs, ys, color=_colour(i), alpha=0.2, lw=0.8)
+            ax.plot(xs, _smooth(ys), color=_colour(i), lw=1.8, label=run.name)
+            for b in boundaries:
+                ax.axvline(b, color=_colour(i), ls=":", lw=1)
+    axes[0, 0].set_ylabel("training loss")
+    axes[0, 0].set_title("Training, iterations concatenated (dotted lines: iteration boundaries)")
+    axes[1, 0].set_ylabel("preference accuracy\n(r(y_w) > r(y_l))")
+    axes[1, 0].set_xlabel("optimizer step (all iterations)")
+    for ax in axes[:, 0]:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    return fig
+
+
+_PLOTS: tuple[tuple[str, str, Callable[[Sequence[RunData]], Any]], ...] = (
+    ("reward", "Mean reward-model score per iteration.", _plot_reward),
+    (
+        "length",
+        "Mean (solid) and median (dashed) response length per iteration, in tokens and "
+        "characters. A length-regularised run should stay flat here.",
+        _plot_length,
+    ),
+    (
+        "win_rate",
+        "Win rate against the initial policy, raw (dashed, ± one standard error) and length "
+        "controlled (solid). A raw win rate far above the LC win rate means the judge is being "
+        "won over by length.",
+        _plot_win_rates,
+    ),
+    (
+        "gold_accuracy",
+        "Gold (program-checked) accuracy, independent of length and of the reward model.",
+        lambda runs: _plot_metric(
+            runs, "gold_accuracy", "gold accuracy", "Gold accuracy on the evaluation prompts"
+        ),
+    ),
+    (
+        "kl",
+        "Monte-Carlo estimate of KL(π_t ‖ π₀) on the policy's own samples, in nats per response.",
+        lambda runs: _plot_metric(runs, "kl", "KL to the initial policy (nats)", "KL(π_t ‖ π₀)"),
+    ),
+    (
+        "reward_vs_length",
+        "Each evaluated response's reward against its length, coloured by iteration; large dots "
+        "are iteration means. Means that move right as they move up show reward bought with "
+        "length.",
+        _plot_reward_vs_length,
+    ),
+    (
+        "training",
+        "Per-step training loss and preference accuracy (faint: raw, solid: running mean).",
+        _plot_training,
+    ),
+)
+
+
+def _png_bytes(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
+       max-width: 1150px; margin: 2em auto; padding: 0 1.5em; line-height: 1.45; }
+h1 { font-size: 1.7em; margin-bottom: 0.2em; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
+p.meta { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; }
+th { background: #f2f2f2; }
+td:first-child, th:first-child { text-align: left; }
+figure { margin: 1.2em 0; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; }
+.swatch { display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.4em;
+          border-radius: 2px; vertical-align: baseline; }
+.up { color: #b03a2e; } .flat { color: #1e8449; }
+"""
+
+_GUIDE = (
+    "Each run is an iterative preference-optimisation loop: iteration 0 is the initial (SFT) "
+    "policy, and iteration <i>t</i> is the policy after <i>t</i> rounds of sample → score → "
+    "pair → train. Every iteration is evaluated on the same held-out prompts: the mean "
+    "reward-model score, the response length in tokens and characters, and the win rate "
+    "against the initial policy judged by the reward model, both raw and length-controlled "
+    "(LC: the win rate a logistic model of the judge predicts at equal length, as in "
+    "AlpacaEval 2). Read the length plot next to the reward plot: reward that rises while "
+    "length stays flat, with the LC win rate rising as much as the raw one, is a genuinely "
+    "better policy; reward and raw win rate that rise together with length while the LC win "
+    "rate stays near 50 are the reward model's length bias being exploited. Win rates are in "
+    "percent; ± is one standard error over prompts."
+)
+
+_COLUMNS = (
+    ("iteration", "iteration", "{:d}"),
+    ("mean_reward", "mean reward", "{:.4g}"),
+    ("mean_tokens", "mean tokens", "{:.1f}"),
+    ("median_tokens", "median tokens", "{:.1f}"),
+    ("mean_chars", "mean chars", "{:.0f}"),
+    ("median_chars", "median chars", "{:.0f}"),
+    ("win_rate", "win rate %", "{:.1f}"),
+    ("lc_win_rate", "LC win rate %", "{:.1f}"),
+    ("kl", "KL (nats)", "{:.3g}"),
+    ("gold_accuracy", "gold accuracy", "{:.3f}"),
+)
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "–"
+    text = fmt.format(value)
+    se = row.get(f"{key}_se")  # the loop writes win_rate_se and kl_se
+    if key in ("win_rate", "kl") and _is_number(se):
+        text += " ± " + fmt.format(se)
+    return text
+
+
+def _iteration_table(run: RunData) -> str:
+    if not run.metrics:
+        return "<p>metrics.jsonl has no rows yet.</p>"
+    cols = [c for c in _COLUMNS if c[0] == "iteration" or run.has(c[0])]
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_cell(row, key, fmt)}</td>" for key, _, fmt in cols) + "</tr>"
+        for row in run.metrics
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _first_last(run: RunData, key: str) -> tuple[float, float] | None:
+    _, ys = run.series(key)
+    return (ys[0], ys[-1]) if ys else None
+
+
+def _summary_table(runs: Sequence[RunData]) -> str:
+    from matplotlib.colors import to_hex
+
+    head = (
+        "<tr><th>run</th><th>iterations</th><th>mean reward first → last</th>"
+        "<th>mean tokens first → last</th><th>mean chars first → last</th>"
+        "<th>last win rate %</th><th>last LC win rate %</th></tr>"
+    )
+    body = []
+    for i, run in enumerate(runs):
+        iters = [r["iteration"] for r in run.metrics]
+        cells = [
+            f'<span class="swatch" style="background:{to_hex(_colour(i))}"></span>'
+            f"{html.escape(run.name)}",
+            f"{min(iters)}–{max(iters)}" if iters else "–",
+        ]
+        reward = _first_last(run, "mean_reward")
+        cells.append(f"{reward[0]:.4g} → {reward[1]:.4g}" if reward else "–")
+        for unit in ("tokens", "chars"):
+            pair = _first_last(run, f"mean_{unit}")
+            if pair is None:
+                cells.append("–")
+                continue
+            change = (pair[1] / pair[0] - 1.0) * 100.0 if pair[0] else math.nan
+            cls = "up" if change > 10.0 else "flat"
+            cells.append(
+                f'{pair[0]:.0f} → {pair[1]:.0f} <span class="{cls}">({change:+.0f}%)</span>'
+            )
+        for key in ("win_rate", "lc_win_rate"):
+            pair = _first_last(run, key)
+            cells.append(f"{pair[1]:.1f}" if pair else "–")
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _html_page(runs: Sequence[RunData], figures: list[tuple[str, str, bytes]]) -> str:
+    names = ", ".join(html.escape(r.name) for r in runs)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>prefloop report: {names}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>prefloop report: {names}</h1>",
+        f'<p class="meta">{len(runs)} run(s): '
+        + ", ".join(
+            f"{html.escape(r.name)} (<code>{html.escape(str(r.path))}</code>)" for r in runs
+        )
+        + "</p>",
+        "<h2>How to read this report</h2>",
+        f"<p>{_GUIDE}</p>",
+        "<h2>Summary</h2>",
+        _summary_table(runs),
+        "<h2>Plots</h2>",
+    ]
+    if not figures:
+        parts.append("<p>Nothing to plot: the metrics have no numeric fields yet.</p>")
+    for name, caption, png in figures:
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(
+            f'<figure id="{name}"><img src="data:image/png;base64,{data}" '
+            f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption>'
+            "</figure>"
+        )
+    parts.append("<h2>Per-iteration metrics</h2>")
+    for run in runs:
+        parts.append(f"<h3>{html.escape(run.name)}</h3>")
+        parts.append(_iteration_table(run))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------------- API
+
+
+def _unique_names(runs: list[RunData]) -> None:
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.name] = seen.get(run.name, 0) + 1
+    for run in runs:
+        if seen[run.name] > 1:  # same name twice: tell them apart by directory
+            run.name = f"{run.name} ({run.path})"
+
+
+def write_report(run_dirs: Sequence[Path | str], out: Path | str | None = None) -> Path:
+    """Write an HTML report of one or several runs; return the HTML file's path.
+
+    ``out`` is the HTML file; by default ``RUN_DIR/report.html`` for a single run (required
+    for several). The plots are also written as PNG files to ``out.parent / "plots"``, and
+    embedded in the page as ``data:image/png;base64`` URIs, so the page needs no other file
+    and no network. Every file is written atomically (temporary name, then rename).
+    """
+    if not run_dirs:
+        raise PrefloopError("report: give at least one run directory")
+    runs = [load_run(d) for d in run_dirs]
+    _unique_names(runs)
+    if out is None:
+        if len(runs) > 1:
+            raise PrefloopError(
+                "report: several run directories need an output path for the HTML file "
+                "(e.g. --out compare/report.html)"
+            )
+        out = Path(run_dirs[0]) / "report.html"
+    out = Path(out)
+    plots_dir = out.parent / "plots"
+
+    figures: list[tuple[str, str, bytes]] = []
+    for name, caption, draw in _PLOTS:
+        fig = draw(runs)
+        if fig is None:
+            continue
+        png = _png_bytes(fig)
+        with atomic_path(plots_dir / f"{name}.png") as tmp:
+            tmp.write_bytes(png)
+        figures.append((name, caption, png))
+
+    page = _html_page(runs, figures)
+    with atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return out

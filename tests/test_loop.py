@@ -1,0 +1,242 @@
+"""The iterative loop on tiny local models: artifacts, resume after SIGKILL, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefloop.data import read_jsonl
+from prefloop.errors import PrefloopError
+from prefloop.loop import load_run_config, run
+from tests.conftest import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer):
+    """A policy, a reward model and prompt files, saved once for the module."""
+    from prefloop.tiny import (
+        build_causal_lm,
+        build_reward_model,
+        save_pretrained_pair,
+        synthetic_preferences,
+    )
+
+    d = tmp_path_factory.mktemp("world")
+    save_pretrained_pair(build_causal_lm("llama", tokenizer, "micro"), tokenizer, d / "policy")
+    save_pretrained_pair(build_reward_model("llama", tokenizer, "nano", seed=1), tokenizer,
+                         d / "rm")
+    rows = synthetic_preferences(40, seed=5, chat=True)
+    write_jsonl(d / "prompts.jsonl", [{"prompt": r["prompt"], "id": f"p{i}"}
+                                      for i, r in enumerate(rows)])
+    write_jsonl(d / "eval.jsonl", [{"prompt": r["prompt"]} for r in
+                                   synthetic_preferences(6, seed=9, chat=True)])
+    return d
+
+
+def base_args(world: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"policy={world / 'policy'}", f"prompts.path={world / 'prompts.jsonl'}",
+        "prompts.id_column=id", "prompts.per_iteration=8", "iterations=2",
+        f"run_dir={run_dir}", f"reward.model={world / 'rm'}", "sampling.num_samples=3",
+        "sampling.max_new_tokens=16", "sampling.batch_size=4", "training.lr=1e-3",
+        "training.batch_size=4", f"eval.prompts.path={world / 'eval.jsonl'}",
+        "eval.sampling.max_new_tokens=16", "loss.name=lr_dpo", *extra,
+    ]
+
+
+def _config(world, run_dir, *extra):
+    return load_run_config(None, base_args(world, run_dir, *extra))
+
+
+def test_two_iterations_with_a_reward_model_leave_the_documented_artifacts(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prefloop.logprobs import sequence_logps
+
+    run_dir = tmp_path / "run"
+    result = run(_config(world, run_dir), progress=False)
+    assert (run_dir / "config.yaml").is_file()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["finished"] and manifest["config_hash"]
+    assert {"torch", "transformers", "prefloop"} <= set(manifest["versions"])
+    for t in (1, 2):
+        for stage in ("sample", "score", "pair", "train", "evaluate"):
+            assert manifest["stages"][f"iter_{t}/{stage}"]["status"] == "done"
+
+    slices = []
+    for t in (1, 2):
+        d = run_dir / f"iter_{t}"
+        samples = read_jsonl(d / "samples.jsonl")
+        ids = [r["prompt_id"] for r in samples]
+        slices.append(set(ids))
+        assert len(set(ids)) == 8 and all(ids.count(i) == 3 for i in set(ids))  # K = 3
+        for r in samples:
+            assert r["num_tokens"] == len(r["response_ids"]) and r["num_chars"] == len(
+                r["response"])
+            assert r["finish_reason"] in ("eos", "length")
+        scored = read_jsonl(d / "scored.jsonl")
+        by_prompt: dict[str, list[dict]] = {}
+        for r in scored:
+            by_prompt.setdefault(r["prompt_id"], []).append(r)
+        pairs = read_jsonl(d / "pairs.jsonl")
+        stats = manifest["stages"][f"iter_{t}/pair"]["pairing"]
+        assert stats["pairs"] == len(pairs) and stats["pairs"] + stats["ties_dropped"] == 8
+        for p in pairs:
+            scores = [r["score"] for r in by_prompt[p["prompt_id"]]]
+            assert p["chosen_score"] == max(scores) and p["rejected_score"] == min(scores)
+        policy = d / "policy"
+        assert (policy / "model.safetensors").is_file() and (policy / "train_log.jsonl").is_file()
+    assert not slices[0] & slices[1], "iteration slices must be disjoint"
+
+    # iteration 2 trained from iteration 1's policy, which was also its reference: the
+    # sampling-time log-probs it reused are π₁'s log-probs of the samples
+    train_cfg = (run_dir / "iter_2" / "policy" / "train_config.yaml").read_text()
+    assert f"model: {run_dir / 'iter_1' / 'policy'}" in train_cfg
+    assert "reference: ''" in train_cfg and "reuse_sampling_logps: true" in train_cfg
+    samples = read_jsonl(run_dir / "iter_2" / "samples.jsonl")
+    pi1 = AutoModelForCausalLM.from_pretrained(run_dir / "iter_1" / "policy")
+    logps = sequence_logps(pi1, [r["prompt_ids"] for r in samples],
+                           [r["response_ids"] for r in samples], 0)
+    torch.testing.assert_close(logps, torch.tensor([r["logprob"] for r in samples]),
+                               atol=1e-3, rtol=1e-4)
+    assert manifest["stages"]["iter_2/train"]["reference_seconds"] < 0.05
+
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [0, 1, 2] == [m["iteration"] for m in
+                                                               result.metrics]
+    for m in metrics:
+        for key in ("mean_reward", "mean_tokens", "mean_chars", "win_rate", "lc_win_rate"):
+            assert m[key] is not None
+    assert metrics[0]["win_rate"] == pytest.approx(50.0)
+    assert metrics[1]["kl"] is not None
+
+
+def test_function_reward_counts_ties_and_rerun_is_a_no_op(world, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _config(world, run_dir, "reward.type=function", "reward.model=",
+                  "reward.function=tests.reward_functions:digits_and_brevity",
+                  "sampling.num_samples=2", "loss.name=dpo")
+    run(cfg, progress=False)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    ties = sum(manifest["stages"][f"iter_{t}/pair"]["pairing"]["ties_dropped"] for t in (1, 2))
+    pairs = sum(len(read_jsonl(run_dir / f"iter_{t}" / "pairs.jsonl")) for t in (1, 2))
+    assert ties > 0 and pairs + ties == 16
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    again = run(cfg, progress=False)
+    assert again.stages_run == []
+    assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_changed_config_is_refused_unless_redoing_from_a_stage(world, tmp_path):
+    run_dir = tmp_path / "run"
+    run(_config(world, run_dir, "iterations=1"), progress=False)
+    changed = _config(world, run_dir, "iterations=1", "loss.alpha=0.05")
+    with pytest.raises(PrefloopError, match="config differs"):
+        run(changed, resume=True)
+    result = run(changed, redo_from="iter_1/train", progress=False)
+    assert result.stages_run == ["iter_1/train", "iter_1/evaluate"]
+    assert "alpha: 0.05" in (run_dir / "iter_1" / "policy" / "train_config.yaml").read_text()
+
+
+def test_all_scores_tied_is_a_clear_error(world, tmp_path):
+    cfg = _config(world, tmp_path / "run", "reward.type=function", "reward.model=",
+                  "reward.function=tests.reward_functions:constant")
+    with pytest.raises(PrefloopError, match="no pairs"):
+        run(cfg, progress=False)
+    assert not (tmp_path / "run" / "iter_1" / "pairs.jsonl").exists()
+
+
+def _cli(args: list[str], env_extra: dict | None = None, launch: list[str] = ()):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [*launch, "-m", "prefloop", "run", *args, "-q"] if launch else \
+        [sys.executable, "-m", "prefloop", "run", *args, "-q"]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+
+
+def _artifacts(run_dir: Path) -> dict[str, bytes]:
+    out = {}
+    for t in (1, 2):
+        for name in ("samples.jsonl", "scored.jsonl", "pairs.jsonl"):
+            out[f"iter_{t}/{name}"] = (run_dir / f"iter_{t}" / name).read_bytes()
+    return out
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_sigkill_in_any_stage_then_resume_reproduces_the_uninterrupted_run(world, tmp_path):
+    reference = tmp_path / "reference"
+    done = _cli(base_args(world, reference))
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = _artifacts(reference)
+    for stage in ("sample", "score", "train"):
+        run_dir = tmp_path / f"killed-{stage}"
+        killed = _cli(base_args(world, run_dir), {"PREFLOOP_FAULT": f"iter_2/{stage}"})
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert f"iter_2/{stage}" not in manifest["stages"]
+        refused = _cli(base_args(world, run_dir))
+        assert refused.returncode != 0 and "--resume" in refused.stderr
+        resumed = _cli([*base_args(world, run_dir), "--resume"])
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert _artifacts(run_dir) == expected, stage
+        got, want = _weights(run_dir / "iter_2" / "policy"), _weights(reference / "iter_2" /
+                                                                       "policy")
+        assert all(torch.equal(got[k], want[k]) for k in want), stage
+        assert read_jsonl(run_dir / "metrics.jsonl") == read_jsonl(reference / "metrics.jsonl")
+        assert not [p for p in run_dir.rglob(".*") if p.name != ".gitignore"], stage
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_artifacts_as_one(world, tmp_path):
+    one = tmp_path / "one"
+    assert _cli(base_args(world, one, "training.batch_size=4")).returncode == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", "29531"]
+    two = tmp_path / "two"
+    proc = _cli(base_args(world, two, "training.batch_size=2"), launch=launch)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _artifacts(one), _artifacts(two)
+    for key in ("iter_1/samples.jsonl", "iter_1/pairs.jsonl"):
+        assert a[key] == b[key], key
+    for key in a:
+        rows_a = [json.loads(x) for x in a[key].splitlines()]
+        rows_b = [json.loads(x) for x in b[key].splitlines()]
+        assert len(rows_a) == len(rows_b), key
+        for ra, rb in zip(rows_a, rows_b, strict=True):
+            assert ra.keys() == rb.keys()
+            assert ra.get("response_ids") == rb.get("response_ids"), key
+            if "score" in ra:
+                assert ra["score"] == pytest.approx(rb["score"], abs=1e-5)
+    wa, wb = _weights(one / "iter_2" / "policy"), _weights(two / "iter_2" / "policy")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_recipes_dry_run_validates_without_downloading(tmp_path):
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "prefloop", "run", str(recipe), "--dry-run",
+             f"run_dir={tmp_path / recipe.stem}"],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "lr_dpo" in proc.stdout or "dpo" in proc.stdout
+        assert not (tmp_path / recipe.stem).exists()
+    bad = subprocess.run(
+        [sys.executable, "-m", "prefloop", "run", str(ROOT / "recipes" / "ilr-dpo.yaml"),
+         "--dry-run", "loss.gamma=1"], capture_output=True, text=True, cwd=ROOT,
+    )
+    assert bad.returncode == 2 and "not a parameter of loss 'lr_dpo'" in bad.stderr

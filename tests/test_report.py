@@ -1,0 +1,218 @@
+"""Tests of prefloop.report on fake run directories: files, self-containment, rendering."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prefloop.errors import PrefloopError
+from prefloop.report import load_run, write_report
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def make_run(
+    root: Path,
+    name: str,
+    growth: float,
+    iterations: int = 3,
+    samples: bool = True,
+    train_logs: bool = True,
+    gold: bool = True,
+    seed: int = 0,
+) -> Path:
+    """A fake run dir: mean length multiplies by `growth` per iteration, reward rises."""
+    rng = np.random.default_rng(seed)
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"name: {name}\nloss:\n  name: lr_dpo\n")
+    metrics = []
+    step = 0
+    for t in range(iterations + 1):
+        tokens = rng.lognormal(np.log(80 * growth**t), 0.35, size=60)
+        chars = tokens * rng.normal(4.5, 0.3, size=60)
+        scores = 0.4 * t + 0.8 * np.log(tokens) + rng.normal(0, 0.5, size=60)
+        if samples:
+            _write_jsonl(
+                run / f"iter_{t}" / "eval_samples.jsonl",
+                [
+                    {
+                        "prompt_id": f"p{i}",
+                        "response": "word " * int(n),
+                        "score": float(s),
+                        "num_tokens": int(n),
+                        "num_chars": int(c),
+                    }
+                    for i, (n, c, s) in enumerate(zip(tokens, chars, scores, strict=True))
+                ],
+            )
+        if train_logs and t >= 1:
+            rows = []
+            for _ in range(40):
+                step += 1
+                rows.append(
+                    {
+                        "step": step,
+                        "loss": float(0.69 * np.exp(-step / 60) + rng.normal(0, 0.03)),
+                        "accuracy": float(min(1.0, 0.5 + step / 200 + rng.normal(0, 0.05))),
+                        "margin": float(step / 100),
+                        "chosen_reward": 0.1,
+                        "rejected_reward": -0.1,
+                    }
+                )
+            _write_jsonl(run / f"iter_{t}" / "train_log.jsonl", rows)
+        row = {
+            "iteration": t,
+            "mean_reward": float(scores.mean()),
+            "mean_tokens": float(tokens.mean()),
+            "median_tokens": float(np.median(tokens)),
+            "mean_chars": float(chars.mean()),
+            "median_chars": float(np.median(chars)),
+            "win_rate": None if t == 0 else 50 + 8 * t * growth,
+            "win_rate_se": None if t == 0 else 2.1,
+            "lc_win_rate": None if t == 0 else 50 + 6 * t / growth**2,
+            "kl": 0.0 if t == 0 else 1.5 * t * growth,
+        }
+        if gold:
+            row["gold_accuracy"] = 0.4 + 0.05 * t / growth**2
+        metrics.append(row)
+    _write_jsonl(run / "metrics.jsonl", metrics)
+    return run
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    return [
+        make_run(tmp_path / "runs", "idpo", growth=1.35, seed=0),
+        make_run(tmp_path / "runs", "ilr-dpo", growth=1.0, seed=1),
+    ]
+
+
+PLOTS = {"reward", "length", "win_rate", "gold_accuracy", "kl", "reward_vs_length", "training"}
+
+
+def test_two_runs_report_is_self_contained(two_runs, tmp_path):
+    out = write_report(two_runs, tmp_path / "compare" / "report.html")
+    assert out == tmp_path / "compare" / "report.html"
+    page = out.read_text()
+    assert {p.stem for p in (out.parent / "plots").glob("*.png")} == PLOTS
+    assert page.count("data:image/png;base64,") == len(PLOTS)
+    # no network assets: no http(s) URL anywhere, no external script/stylesheet/src
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page and "<link" not in page
+    assert not re.findall(r'src="(?!data:image/png;base64,)', page)
+    # the tables: a summary and one per-iteration table per run
+    assert page.count("<table>") == 3
+    assert "idpo" in page and "ilr-dpo" in page
+    assert "LC win rate %" in page and "gold accuracy" in page
+    assert "How to read this report" in page
+    # no leftover temporary files from the atomic writes
+    assert sorted(p.name for p in out.parent.iterdir()) == ["plots", "report.html"]
+
+
+def test_embedded_images_are_the_written_pngs(two_runs, tmp_path):
+    import base64
+
+    out = write_report(two_runs, tmp_path / "r.html")
+    page = out.read_text()
+    for png in (tmp_path / "plots").glob("*.png"):
+        assert base64.b64encode(png.read_bytes()).decode() in page
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_single_run_defaults_to_report_in_run_dir(tmp_path):
+    run = make_run(tmp_path, "solo", growth=1.2)
+    out = write_report([run])
+    assert out == run / "report.html" and out.is_file()
+    assert (run / "plots" / "length.png").is_file()
+
+
+def test_run_with_only_metrics_renders(tmp_path):
+    run = make_run(tmp_path, "bare", growth=1.1, samples=False, train_logs=False, gold=False)
+    (run / "config.yaml").unlink()
+    out = write_report([run])
+    names = {p.stem for p in (run / "plots").glob("*.png")}
+    assert names == {"reward", "length", "win_rate", "kl"}
+    page = out.read_text()
+    assert "gold accuracy" not in page and "bare" in page  # name from the directory
+
+
+def test_metrics_with_only_some_fields(tmp_path):
+    run = tmp_path / "partial"
+    _write_jsonl(run / "metrics.jsonl", [{"iteration": 1, "mean_tokens": 90.0}, {"iteration": 0}])
+    write_report([run])
+    assert {p.stem for p in (run / "plots").glob("*.png")} == {"length"}
+    assert load_run(run).metrics[0]["iteration"] == 0  # sorted
+
+
+def test_missing_metrics_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PrefloopError, match=r"empty/metrics\.jsonl: not found"):
+        write_report([tmp_path / "empty"])
+    with pytest.raises(PrefloopError, match="is not a directory"):
+        write_report([tmp_path / "nowhere"])
+
+
+def test_bad_rows_name_file_row_and_field(tmp_path):
+    run = tmp_path / "bad"
+    _write_jsonl(run / "metrics.jsonl", [{"iteration": 0, "mean_reward": "high"}])
+    with pytest.raises(PrefloopError, match=r"metrics\.jsonl, row 1, field 'mean_reward'"):
+        load_run(run)
+    (run / "metrics.jsonl").write_text('{"iteration": 0}\n{oops\n')
+    with pytest.raises(PrefloopError, match=r"metrics\.jsonl, row 2: not valid JSON"):
+        load_run(run)
+
+
+def test_several_runs_need_an_output_path_and_duplicate_names_are_told_apart(tmp_path):
+    a = make_run(tmp_path / "a", "same", growth=1.0, samples=False, train_logs=False)
+    b = make_run(tmp_path / "b", "same", growth=1.3, samples=False, train_logs=False)
+    with pytest.raises(PrefloopError, match="need an output path"):
+        write_report([a, b])
+    page = write_report([a, b], tmp_path / "out.html").read_text()
+    assert f"same ({a})" in page and f"same ({b})" in page
+
+
+def test_html_escapes_run_names(tmp_path):
+    run = make_run(tmp_path, "x", growth=1.0, samples=False, train_logs=False)
+    (run / "config.yaml").write_text('name: "<b>bold</b>"\n')
+    page = write_report([run]).read_text()
+    assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page
+
+
+def test_renders_in_headless_chromium(two_runs, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed (apt-get install chromium) - rendering not checked")
+    out = write_report(two_runs, tmp_path / "site" / "report.html")
+    shot = tmp_path / "shot.png"
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1200,2000",
+        out.resolve().as_uri(),
+    ]
+    subprocess.run(cmd, check=True, timeout=120, capture_output=True)
+    from matplotlib.image import imread
+
+    pixels = imread(shot)
+    assert pixels.shape[:2] == (2000, 1200)
+    assert pixels[..., :3].std() > 0.05  # not a blank page
+    assert len(np.unique(pixels[..., :3].reshape(-1, 3), axis=0)) > 100  # text + plots
