@@ -221,8 +221,11 @@ def test_two_processes_write_the_same_artifacts_as_one(world, tmp_path):
             assert ra.get("response_ids") == rb.get("response_ids"), key
             if "score" in ra:
                 assert ra["score"] == pytest.approx(rb["score"], abs=1e-5)
+    # gradients agree to ~1e-7 (all-reduce sums in another order); Adam's normalisation can
+    # magnify that for near-zero gradients, so weights are compared at 1e-4 against updates
+    # of ~3e-3 after two iterations at lr 1e-3
     wa, wb = _weights(one / "iter_2" / "policy"), _weights(two / "iter_2" / "policy")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
 
 
 def test_recipes_dry_run_validates_without_downloading(tmp_path):
