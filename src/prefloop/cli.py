@@ -241,6 +241,47 @@ def print_rows(title, rows) -> None:
     print_table(title, rows)
 
 
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from prefloop.config import load_config
+    from prefloop.sft import SFTConfig, train_sft
+
+    cfg = load_config(SFTConfig, args.config, args.overrides)
+    result = train_sft(cfg, progress=not args.quiet)
+    if not result.is_main_process:
+        return 0
+    s, first, last = result.summary, result.log[0], result.log[-1]
+    print_rows("prefloop sft", [
+        ("model", cfg.model), ("steps", result.steps), ("examples seen", result.examples_seen),
+        ("tokens/s", s["tokens_per_second"]),
+        ("loss first → last", f"{first['loss']:.4f} → {last['loss']:.4f}"),
+        ("delta sparsity (|δ| ≤ 1e-8)", s["delta_sparsity"]),
+        ("truncated prompts / responses / skipped",
+         "{prompts_truncated} / {responses_truncated} / {skipped}".format(**result.truncation)),
+        ("output", str(result.output_dir)),
+    ])
+    return 0
+
+
+def _cmd_reward_model(args: argparse.Namespace) -> int:
+    from prefloop.config import load_config
+    from prefloop.reward_training import RewardModelConfig, train_reward_model
+
+    cfg = load_config(RewardModelConfig, args.config, args.overrides)
+    result = train_reward_model(cfg, progress=not args.quiet)
+    if not result.is_main_process:
+        return 0
+    s, first, last = result.summary, result.log[0], result.log[-1]
+    print_rows("prefloop reward-model", [
+        ("model", cfg.model), ("head", s["head"]), ("steps", result.steps),
+        ("pairs train / eval", f"{s['num_train_pairs']} / {s['num_eval_pairs']}"),
+        ("loss first → last", f"{first['loss']:.4f} → {last['loss']:.4f}"),
+        ("train accuracy (last epoch)", s["train_accuracy"]),
+        ("eval accuracy", "-" if s["eval_accuracy"] is None else f"{s['eval_accuracy']:.3f}"),
+        ("output", str(result.output_dir)),
+    ])
+    return 0
+
+
 def _cmd_losses(args: argparse.Namespace) -> int:
     from prefloop.losses import LOSSES
     from prefloop.summary import print_table
@@ -280,6 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
+
+    for name, func, help_ in [
+        ("sft", _cmd_sft, "supervised fine-tuning on prompt/completion or messages rows"),
+        ("reward-model", _cmd_reward_model, "Bradley–Terry reward model from preference pairs"),
+    ]:
+        p = sub.add_parser(name, help=help_, description=help_ + ". Run under `accelerate "
+                           "launch --num_processes N` for data parallelism.")
+        p.add_argument("config", nargs="?", help="YAML config")
+        p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(func=func)
 
     run = sub.add_parser(
         "run", help="the iterative loop: sample, score, pair, train, evaluate; resumable",

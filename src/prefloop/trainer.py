@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from prefloop import batching, faults
-from prefloop.config import TrainConfig, config_hash, dump_yaml
+from prefloop import batching, faults, harness
+from prefloop.config import TrainConfig, config_hash
 from prefloop.data import TokenizedPair, load_rows, pairs_from_rows
 from prefloop.errors import PrefloopError
 from prefloop.logprobs import (
@@ -209,15 +205,6 @@ def batch_logps(
 # ---------------------------------------------------------------- the training run
 
 
-def _prepare_output(output_dir: Path, main: bool) -> Path:
-    partial = output_dir.parent / f".{output_dir.name}.partial"
-    if main:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    return partial
-
-
 def train_preferences(
     cfg: TrainConfig,
     pairs: list[TokenizedPair] | None = None,
@@ -225,12 +212,11 @@ def train_preferences(
 ) -> TrainResult:
     """Train `cfg.model` on preference pairs; returns where the model was written and the log."""
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     cfg.validate()
     t_cfg = cfg.training
     spec = LOSSES[cfg.loss.name]
-    accelerator = _accelerator(t_cfg.precision, cfg.report_to, cfg.output_dir)
+    accelerator = harness.make_accelerator(t_cfg.precision, cfg.report_to, cfg.output_dir)
     main = accelerator.is_main_process
     set_seed(t_cfg.seed)
     output_dir = Path(cfg.output_dir)
@@ -273,38 +259,21 @@ def train_preferences(
         policy = apply_lora(policy, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=t_cfg.lr, betas=t_cfg.adam_betas, weight_decay=t_cfg.weight_decay
-    )
     global_batch = t_cfg.batch_size * accelerator.num_processes
-    per_epoch = batching.steps_per_epoch(len(pairs), global_batch, t_cfg.grad_accum)
-    total_steps = t_cfg.max_steps or max(1, math.ceil(per_epoch * t_cfg.epochs))
-    scheduler = get_scheduler(
-        t_cfg.scheduler, optimizer, num_warmup_steps=int(t_cfg.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
+    total_steps = harness.training_steps(len(pairs), global_batch, t_cfg)
+    optimizer, scheduler = harness.make_optimizer(params, t_cfg, total_steps)
     wrapped, optimizer = accelerator.prepare(ResponseLogProbs(policy), optimizer)
     params_trainable, params_total = count_parameters(policy)
     if cfg.report_to:
         accelerator.init_trackers("prefloop", config={"config_hash": config_hash(cfg)})
 
-    partial = _prepare_output(output_dir, main)
+    partial = harness.prepare_output(output_dir, main)
     accelerator.wait_for_everyone()
-    log_path = partial / "train_log.jsonl"
+    log = harness.StepLog(partial / "train_log.jsonl", accelerator, t_cfg.log_every, total_steps,
+                          bool(cfg.report_to))
     loss_params = dict(cfg.loss.params)
-    lengths = [p.length for p in pairs]
-
-    def micro_batches():
-        epoch = 0
-        while True:
-            for b in batching.epoch_batches(lengths, global_batch, t_cfg.seed, epoch,
-                                            t_cfg.group_by_length):
-                yield epoch, b
-            epoch += 1
-
-    stream = micro_batches()
-    bar = _progress(total_steps, progress and main)
-    log: list[dict] = []
+    stream = harness.micro_batches([p.length for p in pairs], global_batch, t_cfg)
+    bar = harness.progress_bar(total_steps, progress and main)
     pairs_seen, start = 0, time.perf_counter()
     for step in range(1, total_steps + 1):
         sums = {k: 0.0 for k in ("loss", "chosen_reward", "rejected_reward", "accuracy",
@@ -355,18 +324,13 @@ def train_preferences(
         record.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
                       grad_norm=float(grad_norm), pairs=pairs_seen,
                       seconds=time.perf_counter() - start)
-        log.append(record)
-        if main and (step % t_cfg.log_every == 0 or step == total_steps):
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if cfg.report_to:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        log.add(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
             bar.update(1)
         if t_cfg.save_every and step % t_cfg.save_every == 0 and step < total_steps and main:
-            export_model(_unwrapped_copy(accelerator, wrapped, t_cfg.lora.enabled), tokenizer,
-                         partial / f"checkpoint-{step}")
+            harness.save_checkpoint(accelerator, wrapped, tokenizer, partial / f"checkpoint-{step}",
+                                    t_cfg.lora.enabled)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
@@ -374,8 +338,7 @@ def train_preferences(
     # 4. export --------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     if main:
-        model = accelerator.unwrap_model(wrapped).model
-        export_model(model, tokenizer, partial)
+        export_model(harness.unwrapped_model(accelerator, wrapped), tokenizer, partial)
         summary = {
             "steps": total_steps, "pairs_seen": pairs_seen, "seconds": seconds,
             "pairs_per_second": pairs_seen / seconds, "num_pairs": len(pairs),
@@ -384,43 +347,11 @@ def train_preferences(
             "truncation": truncation, "trainable_parameters": params_trainable,
             "total_parameters": params_total, "config_hash": config_hash(cfg),
         }
-        (partial / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (partial / "train_config.yaml").write_text(dump_yaml(cfg))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        partial.rename(output_dir)
+        harness.write_summary(partial, summary, cfg)
+        harness.finish_output(partial, output_dir)
     accelerator.wait_for_everyone()
     if cfg.report_to:
         accelerator.end_training()
-    return TrainResult(output_dir, total_steps, pairs_seen, seconds, log, truncation, main,
+    return TrainResult(output_dir, total_steps, pairs_seen, seconds, log.records, truncation, main,
                        reference_seconds)
 
-
-def _accelerator(precision: str, report_to: list[str], project_dir: str):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not distributed and AcceleratorState._shared_state:
-        # one process may train several times (the loop, tests) with different precisions
-        AcceleratorState._reset_state()
-    return Accelerator(
-        # accelerate picks gloo/MULTI_CPU for `accelerate launch` on CPU only when told
-        cpu=not torch.cuda.is_available() and distributed,
-        mixed_precision="no" if precision == "fp32" else precision,
-        log_with=report_to or None,
-        project_dir=project_dir,
-    )
-
-
-def _unwrapped_copy(accelerator, wrapped: nn.Module, lora: bool) -> nn.Module:
-    model = accelerator.unwrap_model(wrapped).model
-    return copy.deepcopy(model) if lora else model
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)

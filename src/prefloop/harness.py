@@ -1,0 +1,206 @@
+"""Training plumbing shared by `prefloop train`, `prefloop sft` and `prefloop reward-model`.
+
+Each command owns its data, its forward pass and its loss; everything around them lives
+here once, so the three cannot drift apart:
+
+  * `make_accelerator` — one `Accelerator` per run, state reset between in-process runs
+  * `training_steps`, `make_optimizer`, `micro_batches` — step count, AdamW + scheduler,
+    the deterministic global-batch stream that every process slices the same way
+  * `prepare_output` / `finish_output` — the `.NAME.partial` directory and its atomic rename
+  * `StepLog`, `progress_bar` — train_log.jsonl, trackers, the tqdm bar
+  * `save_checkpoint`, `write_summary` — HF exports and train_summary.json / train_config.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prefloop import batching
+from prefloop.config import TrainingConfig, dump_yaml
+from prefloop.errors import PrefloopError
+from prefloop.logprobs import ResponseLogProbs
+from prefloop.models import export_model
+
+
+@dataclass
+class RunResult:
+    """What `train_sft` and `train_reward_model` return (`train_preferences` has TrainResult)."""
+
+    output_dir: Path
+    steps: int
+    examples_seen: int
+    seconds: float
+    log: list[dict] = field(default_factory=list)
+    truncation: dict = field(default_factory=dict)
+    is_main_process: bool = True
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples_seen / self.seconds if self.seconds else 0.0
+
+
+# ---------------------------------------------------------------- configuration checks
+
+
+def validate_training(t: TrainingConfig, key: str = "training", pairs: bool = True) -> None:
+    """The checks every command applies to its `training:` section.
+
+    `pairs=False` (SFT, reward models) refuses `layout`, which only means something for
+    a policy reading preference pairs: an option that does not apply must not be ignored.
+    """
+    from prefloop.config import _choice
+
+    _choice(f"{key}.precision", t.precision, ("fp32", "bf16", "fp16"))
+    _choice(f"{key}.layout", t.layout, ("shared_prompt", "padded"))
+    if not pairs and t.layout != TrainingConfig.layout:
+        raise PrefloopError(f"{key}.layout: applies to preference training only; remove it")
+    for name in ("batch_size", "grad_accum", "log_every"):
+        if getattr(t, name) < 1:
+            raise PrefloopError(f"{key}.{name}: must be ≥ 1, got {getattr(t, name)}")
+    if t.epochs <= 0 and t.max_steps <= 0:
+        raise PrefloopError(f"{key}.epochs or {key}.max_steps must be positive")
+    if not 0 <= t.warmup_ratio < 1:
+        raise PrefloopError(f"{key}.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.lr <= 0:
+        raise PrefloopError(f"{key}.lr: must be positive, got {t.lr}")
+
+
+# ---------------------------------------------------------------- accelerator and optimiser
+
+
+def make_accelerator(precision: str, report_to: Sequence[str], project_dir: str):
+    """An `Accelerator` for this run; works alike in one process and under `accelerate launch`."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed and AcceleratorState._shared_state:
+        # one process may train several times (the loop, tests) with different precisions
+        AcceleratorState._reset_state()
+    return Accelerator(
+        # accelerate picks gloo/MULTI_CPU for `accelerate launch` on CPU only when told
+        cpu=not torch.cuda.is_available() and distributed,
+        mixed_precision="no" if precision == "fp32" else precision,
+        log_with=list(report_to) or None,
+        project_dir=project_dir,
+    )
+
+
+def training_steps(num_examples: int, global_batch: int, t: TrainingConfig) -> int:
+    """Optimizer steps of the run: `max_steps` when set, else ⌈epochs · steps per epoch⌉."""
+    per_epoch = batching.steps_per_epoch(num_examples, global_batch, t.grad_accum)
+    return t.max_steps or max(1, math.ceil(per_epoch * t.epochs))
+
+
+def make_optimizer(params: list[nn.Parameter], t: TrainingConfig, total_steps: int):
+    """AdamW over `params` and the `t.scheduler` schedule with ⌊warmup_ratio · steps⌋ warm-up.
+
+    The scheduler is deliberately not passed through `accelerator.prepare`: prepared, it
+    would advance once per process per step.
+    """
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas,
+                                  weight_decay=t.weight_decay)
+    scheduler = get_scheduler(t.scheduler, optimizer,
+                              num_warmup_steps=int(t.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def micro_batches(
+    lengths: Sequence[int], global_batch: int, t: TrainingConfig
+) -> Iterator[tuple[int, list[int]]]:
+    """Endless (epoch, global batch indices) stream, the same on every process."""
+    epoch = 0
+    while True:
+        for b in batching.epoch_batches(lengths, global_batch, t.seed, epoch, t.group_by_length):
+            yield epoch, b
+        epoch += 1
+
+
+# ---------------------------------------------------------------- output directory
+
+
+def prepare_output(output_dir: str | Path, main: bool) -> Path:
+    """The `.NAME.partial` sibling that collects the run's files until `finish_output`."""
+    output_dir = Path(output_dir)
+    partial = output_dir.parent / f".{output_dir.name}.partial"
+    if main:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    return partial
+
+
+def finish_output(partial: Path, output_dir: str | Path) -> Path:
+    """Move the finished partial directory over `output_dir` (main process only)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    partial.rename(output_dir)
+    return output_dir
+
+
+def unwrapped_model(accelerator, wrapped: nn.Module) -> nn.Module:
+    """The HF model inside accelerate's wrappers (and inside `ResponseLogProbs`)."""
+    model = accelerator.unwrap_model(wrapped)
+    return model.model if isinstance(model, ResponseLogProbs) else model
+
+
+def save_checkpoint(accelerator, wrapped: nn.Module, tokenizer, directory: Path,
+                    lora: bool) -> None:
+    """An intermediate HF export; with LoRA the merge happens on a copy so training goes on."""
+    model = unwrapped_model(accelerator, wrapped)
+    export_model(copy.deepcopy(model) if lora else model, tokenizer, directory)
+
+
+def write_summary(partial: Path, summary: dict, cfg: Any) -> None:
+    """train_summary.json plus the resolved config as train_config.yaml."""
+    (partial / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (partial / "train_config.yaml").write_text(dump_yaml(cfg))
+
+
+# ---------------------------------------------------------------- logging
+
+
+class StepLog:
+    """Per-step records: kept in memory, appended to train_log.jsonl every `every` steps
+    (and at the last step) by the main process, and sent to accelerate's trackers."""
+
+    def __init__(self, path: Path, accelerator, every: int, total_steps: int, trackers: bool):
+        self.path, self.accelerator = path, accelerator
+        self.every, self.total_steps, self.trackers = every, total_steps, trackers
+        self.records: list[dict] = []
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        step = record["step"]
+        if not self.accelerator.is_main_process:
+            return
+        if step % self.every == 0 or step == self.total_steps:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.trackers:
+                self.accelerator.log({k: v for k, v in record.items() if k != "step"},
+                                     step=step)
+
+
+def progress_bar(total: int, enabled: bool, desc: str = "train"):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)

@@ -1,0 +1,427 @@
+"""Bradley–Terry reward-model training (`prefloop reward-model`).
+
+    accelerate launch --num_processes N -m prefloop reward-model CONFIG   # unchanged for N = 1
+
+The model is `AutoModelForSequenceClassification(num_labels=1)`: a causal LM gets a new,
+randomly initialised scalar head (seeded by `training.seed`); an existing one-label
+sequence-classification model is trained further. Its reward r(x, y) is the head's output
+at the last non-padding token, so rows are right-padded and `config.pad_token_id` is set.
+
+Text: `rewards.conversation_text(tokenizer, prompt, response)`, the function
+`RewardModelScorer` uses at inference (the reward model's own chat template when it has
+one), tokenised the same way (no added special tokens; over `max_length`, the *end* is
+kept, as the scorer keeps it). Train-time and score-time inputs are therefore identical.
+
+Loss per pair (Bradley & Terry, 1952; Ouyang et al., 2022, eq. 1), chosen and rejected in
+one forward of 2B rows:
+
+    ℓ = −log σ(r_w − r_l)  +  c · (r_w + r_l)²
+
+The optional second term (`center_coef` = c ≥ 0, off by default; Eisenstein et al., 2023)
+keeps rewards centred on 0: the Bradley–Terry loss only sees differences, so without it
+the rewards' offset drifts freely. Typical c: 0.01.
+
+Phases of `train_reward_model`:
+  1. load the model (adding a head if needed), tokenizer and pairs; seeded train/eval split
+  2. optimiser, scheduler, output directory
+  3. per optimizer step: micro-batches → forward (2B rows) → BT loss → backward; clip; step
+  4. held-out accuracy; export an HF sequence-classification directory atomically
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prefloop import batching, faults, harness
+from prefloop.config import TrainingConfig, _choice, config_hash
+from prefloop.data import (
+    PreferenceExample,
+    Text,
+    TruncationStats,
+    load_rows,
+    preference_examples,
+)
+from prefloop.errors import PrefloopError, where
+from prefloop.models import _check_source, count_parameters, export_model, load_tokenizer
+from prefloop.rewards import conversation_text
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass
+class RewardDataConfig:
+    path: str = ""
+    split: str = "train"
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+
+
+@dataclass
+class RewardTrainingConfig(TrainingConfig):
+    """TrainingConfig with a reward model's usual learning rate."""
+
+    lr: float = 1e-5
+
+
+@dataclass
+class RewardModelConfig:
+    """`prefloop reward-model`: a Bradley–Terry reward model from preference pairs."""
+
+    model: str = ""  # a causal LM (a head is added) or a 1-label sequence-classification model
+    output_dir: str = "runs/reward_model"
+    trust_remote_code: bool = False
+    data: RewardDataConfig = field(default_factory=RewardDataConfig)
+    eval_fraction: float = 0.1  # held-out share of the pairs for accuracy, split by training.seed
+    max_length: int = 1024  # tokens per conversation
+    truncation: str = "truncate"  # truncate (keep the end, as the scorer does) | skip | error
+    center_coef: float = 0.0  # c of c·(r_w + r_l)²; 0 = plain Bradley–Terry
+    training: RewardTrainingConfig = field(default_factory=RewardTrainingConfig)
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers
+
+    def validate(self, require_data: bool = False) -> None:
+        """`require_data`: data.path must be set (asked unless rows come in memory)."""
+        if not self.model:
+            raise PrefloopError("model: required (a hub id or a local model directory)")
+        if require_data and not self.data.path:
+            raise PrefloopError("data.path: required (jsonl, parquet, dataset dir or hub id)")
+        if not 0 <= self.eval_fraction < 1:
+            raise PrefloopError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        if self.max_length < 2:
+            raise PrefloopError(f"max_length: must be ≥ 2, got {self.max_length}")
+        _choice("truncation", self.truncation, ("truncate", "skip", "error"))
+        if self.center_coef < 0:
+            raise PrefloopError(f"center_coef: must be ≥ 0, got {self.center_coef}")
+        harness.validate_training(self.training, pairs=False)
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor, center_coef: float = 0.0) -> Tensor:
+    """(B,) per-pair loss −log σ(r_w − r_l) + c·(r_w + r_l)² from (B,) rewards.
+
+    log σ is computed as `logsigmoid` (stable for large margins). At r_w = r_l the loss is
+    log 2 ≈ 0.693; a margin of 2 gives ≈ 0.127, of −2 ≈ 2.127.
+    """
+    return -F.logsigmoid(chosen - rejected) + center_coef * (chosen + rejected) ** 2
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class RewardPair:
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    row: int = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.chosen_ids) + len(self.rejected_ids)
+
+
+def _conversation(tokenizer, prompt: Text, response: Text, source: str, row: int,
+                  name: str) -> str:
+    """`conversation_text` for a string or a message-list response (its last turn is the
+    reply; any earlier response turns join the prompt)."""
+    if isinstance(response, list):
+        if response[-1]["role"] != "assistant":
+            raise PrefloopError(f"{where(source, row, name)}: last message must be the assistant's")
+        prompt = [*prompt, *response[:-1]]
+        response = response[-1]["content"]
+    return conversation_text(tokenizer, prompt, response)
+
+
+def tokenize_reward_pairs(
+    examples: Sequence[PreferenceExample],
+    tokenizer,
+    max_length: int = 1024,
+    truncation: str = "truncate",
+    source: str = "<rows>",
+) -> tuple[list[RewardPair], TruncationStats]:
+    """Token ids of both conversations, exactly as `RewardModelScorer` builds them.
+
+    Over `max_length`, `truncate` keeps the end (counted in `prompts_truncated`: the start
+    of the conversation goes), `skip` drops the pair, `error` stops.
+    """
+    stats = TruncationStats()
+    out: list[RewardPair] = []
+    for ex in examples:
+        ids = [
+            tokenizer(_conversation(tokenizer, ex.prompt, resp, source, ex.row, name),
+                      add_special_tokens=False)["input_ids"]
+            for resp, name in ((ex.chosen, "chosen"), (ex.rejected, "rejected"))
+        ]
+        if max(len(x) for x in ids) > max_length:
+            if truncation == "skip":
+                stats.skipped += 1
+                stats.skipped_rows.append(ex.row)
+                continue
+            if truncation == "error":
+                raise PrefloopError(
+                    f"{where(source, ex.row)}: {max(len(x) for x in ids)} tokens exceed "
+                    f"max_length={max_length} (set truncation to 'truncate' or 'skip')"
+                )
+            stats.prompts_truncated += 1
+            ids = [x[-max_length:] for x in ids]
+        out.append(RewardPair(ids[0], ids[1], ex.row))
+    if not out:
+        raise PrefloopError(f"{source}: no preference pairs left after truncation")
+    return out, stats
+
+
+def split_pairs(pairs: list[RewardPair], eval_fraction: float,
+                seed: int) -> tuple[list[RewardPair], list[RewardPair]]:
+    """(train, eval): a seeded shuffle; round(eval_fraction · n) pairs, at least 1, held out
+    (none when eval_fraction is 0)."""
+    if not eval_fraction:
+        return pairs, []
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(pairs) - 1, max(1, round(eval_fraction * len(pairs))))
+    if n_eval < 1:
+        raise PrefloopError(f"eval_fraction: {len(pairs)} pair(s) leave nothing to hold out")
+    held = set(order[:n_eval])
+    return ([p for i, p in enumerate(pairs) if i not in held],
+            [p for i, p in enumerate(pairs) if i in held])
+
+
+def collate_rewards(pairs: Sequence[RewardPair], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(2B, L) input ids and attention mask, right-padded: chosen rows 0..B−1, rejected B..2B−1."""
+    rows = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+    return ids, mask
+
+
+def batch_rewards(model: nn.Module, pairs: Sequence[RewardPair], pad_id: int,
+                  device) -> tuple[Tensor, Tensor]:
+    """(B,) chosen and (B,) rejected rewards from one forward over 2B rows, in fp32."""
+    ids, mask = collate_rewards(pairs, pad_id)
+    rewards = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                    use_cache=False).logits[:, 0].float()  # (2B,)
+    b = len(pairs)
+    return rewards[:b], rewards[b:]
+
+
+@torch.no_grad()
+def pair_rewards(model: nn.Module, pairs: Sequence[RewardPair], pad_id: int,
+                 batch_size: int = 16, accelerator=None) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) rewards of every pair, no grad, sharded over processes."""
+    from accelerate.utils import gather_object
+
+    n_proc = accelerator.num_processes if accelerator else 1
+    rank = accelerator.process_index if accelerator else 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)[rank::n_proc]
+    local: list[tuple[int, float, float]] = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        chosen, rejected = batch_rewards(model, [pairs[i] for i in idx], pad_id, device)
+        local += [(i, c, r) for i, c, r in zip(idx, chosen.tolist(), rejected.tolist(),
+                                               strict=True)]
+    model.train(was_training)
+    rows = gather_object(local) if n_proc > 1 else local
+    chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    for i, c, r in rows:
+        chosen[i], rejected[i] = c, r
+    return chosen, rejected
+
+
+# ---------------------------------------------------------------- the model
+
+
+def load_reward_backbone(name_or_path: str, pad_token_id: int,
+                         trust_remote_code: bool = False) -> tuple[nn.Module, bool]:
+    """(model, head_is_new): a 1-label sequence-classifier from a causal LM or a reward model."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    _check_source(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        existing = any(a.endswith("ForSequenceClassification")
+                       for a in (config.architectures or []))
+        if existing and config.num_labels != 1:
+            raise PrefloopError(
+                f"{name_or_path}: a sequence classifier with {config.num_labels} labels; a "
+                "reward model has one (start from its causal LM instead)"
+            )
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, trust_remote_code=trust_remote_code,
+            dtype=torch.float32, use_safetensors=True, attn_implementation="sdpa",
+        )
+    except (OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PrefloopError(f"{name_or_path}: cannot load as a reward model ({reason})") from None
+    model.config.pad_token_id = pad_token_id  # HF pools at the last token that is not padding
+    return model, not existing
+
+
+def _apply_lora(model: nn.Module, lora) -> nn.Module:
+    """LoRA adapters with the reward head fully trained (peft's SEQ_CLS task)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_modules, task_type="SEQ_CLS",
+    ))
+
+
+# ---------------------------------------------------------------- the training run
+
+
+def load_reward_data(cfg: RewardModelConfig, tokenizer, rows: list[dict] | None = None):
+    """(pairs, truncation stats) from `rows` or `cfg.data.path`."""
+    d = cfg.data
+    source = "<rows>" if rows is not None else str(d.path)
+    if rows is None:
+        rows = load_rows(d.path, d.split)
+    examples = preference_examples(rows, source, d.prompt_column, d.chosen_column,
+                                   d.rejected_column)
+    return tokenize_reward_pairs(examples, tokenizer, cfg.max_length, cfg.truncation, source)
+
+
+def train_reward_model(cfg: RewardModelConfig, rows: list[dict] | None = None,
+                       progress: bool = True) -> harness.RunResult:
+    """Train a Bradley–Terry reward model; `rows` (in memory) replaces `cfg.data.path`.
+
+    The summary holds `train_accuracy` (r_w > r_l over the pairs of the last epoch's
+    steps, each scored just before its update) and `eval_accuracy` / `eval_margin` of the
+    final model on the held-out pairs (None without any).
+    """
+    from accelerate.utils import set_seed
+
+    cfg.validate(require_data=rows is None)
+    t = cfg.training
+    accelerator = harness.make_accelerator(t.precision, cfg.report_to, cfg.output_dir)
+    main, n_proc = accelerator.is_main_process, accelerator.num_processes
+    set_seed(t.seed)  # also seeds the new head's initialisation
+
+    # 1. model, tokenizer, pairs, split -----------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    model, head_is_new = load_reward_backbone(cfg.model, tokenizer.pad_token_id,
+                                              cfg.trust_remote_code)
+    pairs, stats = load_reward_data(cfg, tokenizer, rows)
+    train, held_out = split_pairs(pairs, cfg.eval_fraction, t.seed)
+    pad_id, device = tokenizer.pad_token_id, accelerator.device
+    model.to(device)
+
+    # 2. optimiser, output directory -------------------------------------------------------------
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.lora.enabled:
+        model = _apply_lora(model, t.lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    global_batch = t.batch_size * n_proc
+    total_steps = harness.training_steps(len(train), global_batch, t)
+    per_epoch = batching.steps_per_epoch(len(train), global_batch, t.grad_accum)
+    optimizer, scheduler = harness.make_optimizer(params, t, total_steps)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    params_trainable, params_total = count_parameters(model)
+    if cfg.report_to:
+        accelerator.init_trackers("prefloop-reward-model",
+                                  config={"config_hash": config_hash(cfg)})
+    partial = harness.prepare_output(cfg.output_dir, main)
+    accelerator.wait_for_everyone()
+    log = harness.StepLog(partial / "train_log.jsonl", accelerator, t.log_every, total_steps,
+                          bool(cfg.report_to))
+    stream = harness.micro_batches([p.length for p in train], global_batch, t)
+    bar = harness.progress_bar(total_steps, progress and main, "reward model")
+
+    # 3. optimisation --------------------------------------------------------------------------
+    pairs_seen, start = 0, time.perf_counter()
+    correct_per_step: list[tuple[float, int]] = []
+    for step in range(1, total_steps + 1):
+        sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "chosen_reward": 0.0,
+                "rejected_reward": 0.0}
+        step_pairs = 0
+        for k in range(t.grad_accum):
+            epoch, global_idx = next(stream)
+            idx = batching.shard(global_idx, accelerator.process_index, n_proc)
+            # a sum scaled so that DDP's mean over processes and the sum over micro-batches
+            # give the mean over every pair of the optimizer step
+            scale = n_proc / (len(global_idx) * t.grad_accum)
+            sync = k == t.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
+            with ctx, accelerator.autocast():
+                r_w, r_l = batch_rewards(wrapped, [train[i] for i in idx], pad_id, device)
+                losses = bradley_terry_loss(r_w, r_l, cfg.center_coef)  # (b,)
+                loss = losses.sum() * scale
+                if not torch.isfinite(loss):
+                    raise PrefloopError(
+                        f"non-finite loss at step {step}, micro-batch {k}, data rows "
+                        f"{[train[i].row for i in idx]}; no checkpoint written past step "
+                        f"{step - 1}"
+                    )
+                accelerator.backward(loss)
+            r_w, r_l = r_w.detach(), r_l.detach()
+            stats_b = torch.stack([losses.detach(), (r_w > r_l).float(), r_w - r_l, r_w, r_l],
+                                  dim=1)  # (b, 5)
+            stats_b = accelerator.gather(stats_b) if n_proc > 1 else stats_b
+            for key, v in zip(sums, stats_b.sum(0).tolist(), strict=True):
+                sums[key] += v
+            step_pairs += stats_b.shape[0]
+        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        pairs_seen += step_pairs
+        faults.point()
+        correct_per_step.append((sums["accuracy"], step_pairs))
+        record = {key: v / step_pairs for key, v in sums.items()}
+        record.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
+                      grad_norm=float(grad_norm), pairs=pairs_seen,
+                      seconds=time.perf_counter() - start)
+        log.add(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
+            bar.update(1)
+        if t.save_every and step % t.save_every == 0 and step < total_steps and main:
+            harness.save_checkpoint(accelerator, wrapped, tokenizer,
+                                    partial / f"checkpoint-{step}", t.lora.enabled)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+
+    # 4. held-out accuracy, export ---------------------------------------------------------------
+    last = correct_per_step[-min(per_epoch, len(correct_per_step)):]
+    summary = {
+        "steps": total_steps, "pairs_seen": pairs_seen, "seconds": seconds,
+        "pairs_per_second": pairs_seen / seconds, "num_train_pairs": len(train),
+        "num_eval_pairs": len(held_out), "processes": n_proc, "head": "new" if head_is_new
+        else "loaded", "center_coef": cfg.center_coef, "truncation": stats.as_dict(),
+        "train_accuracy": sum(c for c, _ in last) / sum(n for _, n in last),
+        "eval_accuracy": None, "eval_margin": None, "eval_reward_mean": None,
+        "trainable_parameters": params_trainable, "total_parameters": params_total,
+        "config_hash": config_hash(cfg),
+    }
+    model = harness.unwrapped_model(accelerator, wrapped)
+    if held_out:
+        chosen, rejected = pair_rewards(model, held_out, pad_id, t.batch_size * 2, accelerator)
+        summary.update(eval_accuracy=(chosen > rejected).float().mean().item(),
+                       eval_margin=(chosen - rejected).mean().item(),
+                       eval_reward_mean=torch.cat([chosen, rejected]).mean().item())
+    accelerator.wait_for_everyone()
+    if main:
+        export_model(model, tokenizer, partial)
+        harness.write_summary(partial, summary, cfg)
+        harness.finish_output(partial, cfg.output_dir)
+    accelerator.wait_for_everyone()
+    if cfg.report_to:
+        accelerator.end_training()
+    return harness.RunResult(Path(cfg.output_dir), total_steps, pairs_seen, seconds,
+                             log.records, stats.as_dict(), main, summary)
