@@ -18,22 +18,22 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-WORDS = [
-    "apple", "river", "stone", "cloud", "horse", "table", "green", "music", "paper", "light",
-    "tiger", "bread", "chair", "ocean", "plant", "smile", "train", "water", "house", "night",
-    "sugar", "grass", "dream", "glass", "earth", "honey", "lemon", "mouse", "piano", "queen",
-]
-OPENERS = [
+# Small fact tables: a tiny model can learn them, and so can a tiny reward model.
+COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red",
+          "banana": "yellow", "orange": "orange", "chocolate": "brown"}
+OPPOSITES = {"hot": "cold", "up": "down", "big": "small", "fast": "slow", "day": "night",
+             "open": "closed", "happy": "sad", "early": "late"}
+SOUNDS = {"moo": "cow", "woof": "dog", "meow": "cat", "oink": "pig", "quack": "duck",
+          "neigh": "horse", "baa": "sheep", "hiss": "snake"}
+FILLERS = [
     "Sure, I can help with that.", "Let me think about this step by step.",
     "This is a good question.", "I will look at the question carefully.",
     "Here is how I worked it out.", "Let me explain my reasoning first.",
-]
-CLOSERS = [
     "I hope this helps.", "Let me know if you have more questions.",
     "I checked the answer twice.", "Thank you for asking.",
     "That is my final answer.", "It was a pleasure to help.",
 ]
-KINDS = ("first_word", "last_word", "repeat", "next_number", "add")
+KINDS = ("add", "color", "opposite", "sound")
 ANSWER = re.compile(r"The answer is ([^\s.]+)\.")
 
 
@@ -49,40 +49,39 @@ class Problem:
         return [{"role": "user", "content": self.question}]
 
 
+def _table_problem(rng: random.Random, kind: str, table: dict[str, str], template: str):
+    key = rng.choice(sorted(table))
+    answer = table[key]
+    wrong = sorted({v for v in table.values() if v != answer})
+    return Problem(kind, template.format(key), answer, rng.sample(wrong, 3))
+
+
+QUESTIONS = {
+    "color": (COLORS, "What color is {}?"),
+    "opposite": (OPPOSITES, "What is the opposite of {}?"),
+    "sound": (SOUNDS, "Which animal says {}?"),
+}
+
+
 def make_problem(rng: random.Random, kind: str | None = None) -> Problem:
     kind = kind or rng.choice(KINDS)
-    if kind in ("first_word", "last_word"):
-        words = rng.sample(WORDS, 3)
-        which = "first" if kind == "first_word" else "last"
-        answer = words[0] if kind == "first_word" else words[-1]
-        wrong = [w for w in words if w != answer]
-        return Problem(kind, f"What is the {which} word in: {' '.join(words)}?", answer, wrong)
-    if kind == "repeat":
-        word = rng.choice(WORDS)
-        return Problem(kind, f"Repeat the word: {word}", word,
-                       rng.sample([w for w in WORDS if w != word], 2))
-    if kind == "next_number":
-        n = rng.randint(1, 97)
-        return Problem(kind, f"What number comes after {n}?", str(n + 1), [str(n), str(n + 2)])
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    if kind in QUESTIONS:
+        table, template = QUESTIONS[kind]
+        return _table_problem(rng, kind, table, template)
+    a, b = rng.randint(0, 4), rng.randint(0, 4)
     return Problem(kind, f"What is {a} plus {b}?", str(a + b),
-                   [str(a + b + d) for d in (-1, 1) if a + b + d >= 0])
+                   [str(a + b + d) for d in (-2, -1, 1, 2) if a + b + d >= 0])
 
 
 def expected_answer(question: str) -> str | None:
     """The correct answer recomputed from the question text (None if it is not a task prompt)."""
-    m = re.fullmatch(r"What is the (first|last) word in: (\w+) (\w+) (\w+)\?", question)
-    if m:
-        return m.group(2) if m.group(1) == "first" else m.group(4)
-    m = re.fullmatch(r"Repeat the word: (\w+)", question)
-    if m:
-        return m.group(1)
-    m = re.fullmatch(r"What number comes after (\d+)\?", question)
-    if m:
-        return str(int(m.group(1)) + 1)
     m = re.fullmatch(r"What is (\d+) plus (\d+)\?", question)
     if m:
         return str(int(m.group(1)) + int(m.group(2)))
+    for table, template in QUESTIONS.values():
+        m = re.fullmatch(re.escape(template).replace(r"\{\}", r"(\w+)"), question)
+        if m:
+            return table.get(m.group(1))
     return None
 
 
@@ -105,11 +104,9 @@ def gold(prompts: Sequence, responses: Sequence[str]) -> list[float]:
 
 
 def write_answer(rng: random.Random, answer: str, fillers: int) -> str:
-    """"The answer is X." with `fillers` filler sentences split around it."""
-    before = rng.randint(0, fillers)
-    openers = rng.sample(OPENERS, min(before, len(OPENERS)))
-    closers = rng.sample(CLOSERS, min(fillers - before, len(CLOSERS)))
-    return " ".join([*openers, f"The answer is {answer}.", *closers])
+    """"The answer is X." followed by `fillers` filler sentences (they add length only)."""
+    return " ".join([f"The answer is {answer}.", *rng.sample(FILLERS, min(fillers,
+                                                                          len(FILLERS)))])
 
 
 def sample_answer(rng: random.Random, problem: Problem, p_correct: float,
@@ -151,13 +148,26 @@ def sft_rows(n: int, seed: int, p_correct: float = 0.5, max_fillers: int = 8) ->
 
 
 def annotated_pairs(n: int, seed: int, annotator: Annotator, max_fillers: int = 8) -> list[dict]:
-    """Pairs of candidate answers labelled by a seeded draw from the annotator."""
+    """Pairs of candidate answers labelled by a seeded draw from the annotator.
+
+    A third of the pairs differ only in correctness, a third only in length, a third in
+    both, so that the reward model sees each signal on its own as well as mixed.
+    """
     rng = random.Random(seed)
     rows = []
     while len(rows) < n:
         problem = make_problem(rng)
-        a, _ = sample_answer(rng, problem, 0.5, max_fillers)
-        b, _ = sample_answer(rng, problem, 0.5, max_fillers)
+        mode = len(rows) % 3
+        right = (rng.random() < 0.5) if mode == 1 else True
+        a_correct, b_correct = (right, right) if mode == 1 else (True, False)
+        if mode == 2:
+            a_correct, b_correct = rng.random() < 0.5, rng.random() < 0.5
+        fillers_a = rng.randint(0, max_fillers)
+        fillers_b = fillers_a if mode == 0 else rng.randint(0, max_fillers)
+        a = write_answer(rng, problem.answer if a_correct else rng.choice(problem.wrong),
+                         fillers_a)
+        b = write_answer(rng, problem.answer if b_correct else rng.choice(problem.wrong),
+                         fillers_b)
         if a == b:
             continue
         a_wins = rng.random() < annotator.probability(problem.messages, a, b)
@@ -174,9 +184,9 @@ def prompt_rows(n: int, seed: int) -> list[dict]:
 def corpus(seed: int = 0) -> list[str]:
     """Text covering the task's vocabulary, to train the tokenizer on."""
     rng = random.Random(seed)
-    texts = [*OPENERS, *CLOSERS, *WORDS]
+    texts = list(FILLERS)
     for _ in range(2000):
         problem = make_problem(rng)
         texts.append(problem.question + " " + write_answer(rng, problem.answer, 2))
-    texts += [str(i) for i in range(200)]
+    texts += [str(i) for i in range(20)]
     return texts
