@@ -45,4 +45,4 @@ def shard(batch: Sequence[int], process_index: int, num_processes: int) -> list[
 
 
 def steps_per_epoch(num_pairs: int, global_batch: int, grad_accum: int) -> int:
-    return math.ceil(math.ceil(num_pairs / global_batch) / grad_accum)
+    return math.ceil(num_pairs / (global_batch * grad_accum))

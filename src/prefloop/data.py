@@ -231,6 +231,11 @@ def render_prompt_response(tokenizer, prompt: Text, response: Text) -> tuple[str
 def encode_prompt(tokenizer, prompt: Text) -> list[int]:
     if isinstance(prompt, str):
         return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise PrefloopError(
+            "chat-message prompts need a tokenizer with a chat template; this tokenizer has "
+            "none (set tokenizer.chat_template or use plain-text prompts)"
+        )
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -123,11 +123,31 @@ def make_optimizer(params: list[nn.Parameter], t: TrainingConfig, total_steps: i
 def micro_batches(
     lengths: Sequence[int], global_batch: int, t: TrainingConfig
 ) -> Iterator[tuple[int, list[int]]]:
-    """Endless (epoch, global batch indices) stream, the same on every process."""
+    """Endless (epoch, global micro-batch indices, pairs in its optimizer step) stream, the
+    same on every process.
+
+    Batches are planned per optimizer step (`global_batch × grad_accum` items) and then cut
+    into `grad_accum` micro-batches, so accumulation sees exactly the items one bigger batch
+    would. A last step too small to give every micro-batch of every process an item joins
+    the step before it.
+    """
+    step_size = global_batch * t.grad_accum
+    n_proc = global_batch // t.batch_size
+    if len(lengths) < t.grad_accum * n_proc:
+        from prefloop.errors import PrefloopError
+
+        raise PrefloopError(
+            f"{len(lengths)} training items cannot give each of {n_proc} process(es) × "
+            f"{t.grad_accum} micro-batches one item; lower training.grad_accum"
+        )
     epoch = 0
     while True:
-        for b in batching.epoch_batches(lengths, global_batch, t.seed, epoch, t.group_by_length):
-            yield epoch, b
+        steps = batching.epoch_batches(lengths, step_size, t.seed, epoch, t.group_by_length)
+        if len(steps) > 1 and len(steps[-1]) < t.grad_accum * n_proc:
+            steps[-2] = steps[-2] + steps.pop()
+        for step in steps:
+            for k in range(t.grad_accum):
+                yield epoch, batching.shard(step, k, t.grad_accum), len(step)
         epoch += 1
 
 

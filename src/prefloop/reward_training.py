@@ -350,11 +350,11 @@ def train_reward_model(cfg: RewardModelConfig, rows: list[dict] | None = None,
                 "rejected_reward": 0.0}
         step_pairs = 0
         for k in range(t.grad_accum):
-            epoch, global_idx = next(stream)
+            epoch, global_idx, step_size = next(stream)
             idx = batching.shard(global_idx, accelerator.process_index, n_proc)
             # a sum scaled so that DDP's mean over processes and the sum over micro-batches
             # give the mean over every pair of the optimizer step
-            scale = n_proc / (len(global_idx) * t.grad_accum)
+            scale = n_proc / step_size
             sync = k == t.grad_accum - 1
             ctx = contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
             with ctx, accelerator.autocast():

@@ -396,10 +396,10 @@ def train_sft(cfg: SFTConfig, rows: list[dict] | None = None,
         micro = [next(stream) for _ in range(t.grad_accum)]
         # every process knows the whole step's token count, so the sum below scaled by it is
         # the mean over all completion tokens of the step (DDP averages over processes)
-        step_tokens = sum(seqs[i].num_trained for _, b in micro for i in b)
+        step_tokens = sum(seqs[i].num_trained for _, b, _ in micro for i in b)
         nll_sum = torch.zeros((), device=device)
         epoch = micro[-1][0]
-        for k, (_, global_idx) in enumerate(micro):
+        for k, (_, global_idx, _) in enumerate(micro):
             idx = batching.shard(global_idx, accelerator.process_index, n_proc)
             batch = collate_sft([seqs[i] for i in idx], pad_id).to(device)
             sync = k == t.grad_accum - 1
@@ -424,7 +424,7 @@ def train_sft(cfg: SFTConfig, rows: list[dict] | None = None,
             project_to_orthants_(params, anchors, orthants)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        examples_seen += sum(len(b) for _, b in micro)
+        examples_seen += sum(len(b) for _, b, _ in micro)
         tokens_seen += step_tokens
         faults.point()
         record = {"loss": nll_sum.item() / step_tokens, "tokens": step_tokens, "step": step,

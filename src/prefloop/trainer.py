@@ -281,13 +281,13 @@ def train_preferences(
                                  "rejected_length")}
         step_pairs = 0
         for micro in range(t_cfg.grad_accum):
-            epoch, global_idx = next(stream)
+            epoch, global_idx, step_size = next(stream)
             idx = batching.shard(global_idx, accelerator.process_index,
                                  accelerator.num_processes)
             batch = collate_pairs([pairs[i] for i in idx], pad_id, t_cfg.layout).to(device)
             # the loss is a sum scaled so that DDP's mean over processes and the sum over
             # micro-batches give the mean over every pair of the optimizer step
-            scale = accelerator.num_processes / (len(global_idx) * t_cfg.grad_accum)
+            scale = accelerator.num_processes / step_size
             sync = micro == t_cfg.grad_accum - 1
             ctx = contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
             with ctx, accelerator.autocast():

@@ -1,0 +1,156 @@
+"""Each loop stage as a command on files: sample → score → pair → train, best-of-n, evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prefloop.cli import main
+from prefloop.data import read_jsonl
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tokenizer):
+    from prefloop.tiny import (
+        build_causal_lm,
+        build_reward_model,
+        save_pretrained_pair,
+        synthetic_preferences,
+    )
+
+    d = tmp_path_factory.mktemp("stages")
+    save_pretrained_pair(build_causal_lm("qwen2", tokenizer, "micro"), tokenizer, d / "policy")
+    save_pretrained_pair(build_reward_model("qwen2", tokenizer, "nano"), tokenizer, d / "rm")
+    write_jsonl(d / "prompts.jsonl", [{"prompt": r["prompt"]} for r in
+                                      synthetic_preferences(6, seed=2, chat=True)])
+    return d
+
+
+def test_sample_score_pair_train_chain_on_files(files, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    samples, scored, pairs = tmp_path / "s.jsonl", tmp_path / "sc.jsonl", tmp_path / "p.jsonl"
+    assert main(["sample", "--model", str(files / "policy"), "--prompts",
+                 str(files / "prompts.jsonl"), "-n", "3", "--max-new-tokens", "12",
+                 "--out", str(samples), "-q"]) == 0
+    rows = read_jsonl(samples)
+    assert len(rows) == 18 and {r["sample_index"] for r in rows} == {0, 1, 2}
+    assert main(["score", str(samples), "--reward-model", str(files / "rm"),
+                 "--out", str(scored), "-q"]) == 0
+    assert all(isinstance(r["score"], float) for r in read_jsonl(scored))
+    assert main(["pair", str(scored), "--length-penalty", "auto", "--out", str(pairs)]) == 0
+    pair_rows = read_jsonl(pairs)
+    assert pair_rows and all(p["chosen_score"] > p["rejected_score"] for p in pair_rows)
+    out = tmp_path / "policy"
+    assert main(["train", f"model={files / 'policy'}", f"data.path={pairs}",
+                 f"output_dir={out}", "training.max_steps=1", "loss.name=lr_dpo", "-q"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert "pairs seen" in capsys.readouterr().out
+
+
+def test_best_of_n_keeps_the_highest_scoring_sample(files, tmp_path):
+    out = tmp_path / "best.jsonl"
+    assert main(["best-of-n", "--model", str(files / "policy"), "--prompts",
+                 str(files / "prompts.jsonl"), "-n", "4", "--max-new-tokens", "10",
+                 "--reward-function", "tests.reward_functions:digits_and_brevity",
+                 "--out", str(out), "-q"]) == 0
+    best = read_jsonl(out)
+    assert len(best) == 6
+    from tests.reward_functions import digits_and_brevity
+
+    samples = tmp_path / "all.jsonl"
+    main(["sample", "--model", str(files / "policy"), "--prompts", str(files / "prompts.jsonl"),
+          "-n", "4", "--max-new-tokens", "10", "--out", str(samples), "-q"])
+    by_prompt: dict[str, list[float]] = {}
+    for r in read_jsonl(samples):
+        by_prompt.setdefault(r["prompt_id"], []).append(
+            digits_and_brevity([r["prompt"]], [r["response"]])[0])
+    for b in best:
+        assert b["score"] == max(by_prompt[b["prompt_id"]])
+
+
+def test_evaluate_two_response_files(files, tmp_path, capsys):
+    a = [{"prompt_id": str(i), "prompt": "q", "response": "x" * (10 + i), "score": 1.0}
+         for i in range(20)]
+    b = [{"prompt_id": str(i), "prompt": "q", "response": "y" * 10, "score": 0.0}
+         for i in range(20)]
+    write_jsonl(tmp_path / "a.jsonl", a)
+    write_jsonl(tmp_path / "b.jsonl", b)
+    assert main(["evaluate", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) == 0
+    text = capsys.readouterr().out
+    assert "length-controlled win rate" in text and "73.1" in text  # σ(1) = 0.731
+
+
+def test_implicit_reward_scores_beta_times_log_ratio(files, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from prefloop.config import RewardConfig
+    from prefloop.rewards import build_scorer
+
+    policy = AutoModelForCausalLM.from_pretrained(files / "policy")
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    policy.save_pretrained(tmp_path / "moved")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(files / "policy").save_pretrained(tmp_path / "moved")
+    scorer = build_scorer(RewardConfig(type="implicit", model=str(tmp_path / "moved"),
+                                       reference=str(files / "policy"), beta=0.5))
+    prompts = [[{"role": "user", "content": "What is 1 plus 2?"}]] * 2
+    scores = scorer.score(prompts, ["1 plus 2 is 3.", "I do not know."])
+    assert all(s != 0.0 for s in scores)
+    same = build_scorer(RewardConfig(type="implicit", model=str(files / "policy"),
+                                     reference=str(files / "policy")))
+    assert same.score(prompts, ["1 plus 2 is 3.", "no"]) == [0.0, 0.0]
+
+
+def test_bad_input_is_one_line_with_nonzero_exit(files, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{not json}\n')
+    assert main(["score", str(bad), "--reward-function", "tests.reward_functions:constant",
+                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.jsonl").exists()
+    nan = tmp_path / "ok.jsonl"
+    write_jsonl(nan, [{"prompt": "a", "response": "b"}])
+    assert main(["score", str(nan), "--reward-function", "tests.reward_functions:not_a_number",
+                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "must be finite" in capsys.readouterr().err
+    assert main(["train", "loss.name=nope", "model=x", "data.path=y"]) == 2
+    assert "valid losses" in capsys.readouterr().err
+
+
+def test_data_formats_parquet_and_dataset_dir(tmp_path, pref_file):
+    import datasets
+
+    from prefloop.data import load_preferences
+
+    rows = read_jsonl(pref_file(10))
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "p.parquet"))
+    ds.save_to_disk(str(tmp_path / "dsdir"))
+    for source in (tmp_path / "p.parquet", tmp_path / "dsdir"):
+        examples = load_preferences(str(source))
+        assert [e.chosen for e in examples] == [r["chosen"] for r in rows]
+
+
+def test_grad_accumulation_matches_a_bigger_batch(model_dir, pref_file, tmp_path):
+    from prefloop.config import TrainConfig, load_config
+    from prefloop.trainer import train_preferences
+
+    def log(*extra):
+        cfg = load_config(TrainConfig, None, [
+            f"model={model_dir('llama')}", f"data.path={pref_file(32)}", "training.lr=1e-3",
+            "training.max_steps=3", f"output_dir={tmp_path / '-'.join(extra)}", *extra])
+        return train_preferences(cfg, progress=False).log
+
+    big = log("training.batch_size=8")
+    accumulated = log("training.batch_size=4", "training.grad_accum=2")
+    for a, b in zip(big, accumulated, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and a["pairs"] == b["pairs"]
+    assert json.dumps(big[0]["pairs"]) == "8"
