@@ -168,7 +168,7 @@ def test_bad_rows_name_file_row_and_field(tmp_path):
     with pytest.raises(PrefloopError, match=r"metrics\.jsonl, row 1, field 'mean_reward'"):
         load_run(run)
     (run / "metrics.jsonl").write_text('{"iteration": 0}\n{oops\n')
-    with pytest.raises(PrefloopError, match=r"metrics\.jsonl, row 2: not valid JSON"):
+    with pytest.raises(PrefloopError, match=r"metrics\.jsonl, line 2: not valid JSON"):
         load_run(run)
 
 

@@ -18,13 +18,13 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from prefloop import batching
 from prefloop.config import TrainingConfig, dump_yaml
@@ -224,3 +224,31 @@ def progress_bar(total: int, enabled: bool, desc: str = "train"):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------- sharded no-grad passes
+
+
+@torch.no_grad()
+def map_pairs(model: nn.Module, items: Sequence, batch_size: int, accelerator,
+              score_batch: Callable[[list], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) values of every pair from `score_batch(pairs) -> (B,), (B,)`,
+    computed without grad in length order, spread over processes and gathered on all."""
+    from accelerate.utils import gather_object
+
+    n_proc = accelerator.num_processes if accelerator else 1
+    rank = accelerator.process_index if accelerator else 0
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(items)), key=lambda i: items[i].length)[rank::n_proc]
+    local: list[tuple[int, float, float]] = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        chosen, rejected = score_batch([items[i] for i in idx])
+        local += list(zip(idx, chosen.float().tolist(), rejected.float().tolist(), strict=True))
+    model.train(was_training)
+    rows = gather_object(local) if n_proc > 1 else local
+    chosen, rejected = torch.zeros(len(items)), torch.zeros(len(items))
+    for i, c, r in rows:
+        chosen[i], rejected[i] = c, r
+    return chosen, rejected

@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefloop.data import read_jsonl
 from prefloop.errors import PrefloopError, where
 from prefloop.io import atomic_path
 
@@ -81,19 +81,7 @@ class RunData:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrefloopError(f"{where(str(path), i)}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise PrefloopError(f"{where(str(path), i)}: expected a JSON object")
-            rows.append(row)
-    return rows
+    return read_jsonl(path)
 
 
 def _is_number(value: Any) -> bool:

@@ -215,30 +215,12 @@ def batch_rewards(model: nn.Module, pairs: Sequence[RewardPair], pad_id: int,
     return rewards[:b], rewards[b:]
 
 
-@torch.no_grad()
 def pair_rewards(model: nn.Module, pairs: Sequence[RewardPair], pad_id: int,
                  batch_size: int = 16, accelerator=None) -> tuple[Tensor, Tensor]:
     """(chosen, rejected) rewards of every pair, no grad, sharded over processes."""
-    from accelerate.utils import gather_object
-
-    n_proc = accelerator.num_processes if accelerator else 1
-    rank = accelerator.process_index if accelerator else 0
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)[rank::n_proc]
-    local: list[tuple[int, float, float]] = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        chosen, rejected = batch_rewards(model, [pairs[i] for i in idx], pad_id, device)
-        local += [(i, c, r) for i, c, r in zip(idx, chosen.tolist(), rejected.tolist(),
-                                               strict=True)]
-    model.train(was_training)
-    rows = gather_object(local) if n_proc > 1 else local
-    chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    for i, c, r in rows:
-        chosen[i], rejected[i] = c, r
-    return chosen, rejected
+    return harness.map_pairs(model, pairs, batch_size, accelerator,
+                             lambda batch: batch_rewards(model, batch, pad_id, device))
 
 
 # ---------------------------------------------------------------- the model

@@ -78,34 +78,20 @@ def load_training_pairs(cfg: TrainConfig, tokenizer):
 # ---------------------------------------------------------------- cached no-grad passes
 
 
-@torch.no_grad()
 def pair_logps_no_grad(
     model: nn.Module, pairs: list[TokenizedPair], pad_id: int, layout: str, batch_size: int,
     accelerator=None,
 ) -> tuple[Tensor, Tensor]:
     """(chosen, rejected) summed log-probs of every pair under `model`, sharded over processes."""
-    from accelerate.utils import gather_object
-
-    n_proc = accelerator.num_processes if accelerator else 1
-    rank = accelerator.process_index if accelerator else 0
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)[rank::n_proc]
-    local: list[tuple[int, float, float]] = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = collate_pairs([pairs[i] for i in idx], pad_id, layout).to(device)
-        seq = sum_by_sequence(token_logps_from_logits(response_logits(model, batch), batch.target),
-                              batch).float().cpu()
-        b = len(idx)
-        local += [(i, seq[k].item(), seq[b + k].item()) for k, i in enumerate(idx)]
-    model.train(was_training)
-    rows = gather_object(local) if n_proc > 1 else local
-    chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    for i, c, r in rows:
-        chosen[i], rejected[i] = c, r
-    return chosen, rejected
+
+    def score(batch_pairs: list[TokenizedPair]) -> tuple[Tensor, Tensor]:
+        batch = collate_pairs(batch_pairs, pad_id, layout).to(device)
+        logps = token_logps_from_logits(response_logits(model, batch), batch.target)
+        seq = sum_by_sequence(logps, batch).cpu()
+        return seq[: len(batch_pairs)], seq[len(batch_pairs) :]
+
+    return harness.map_pairs(model, pairs, batch_size, accelerator, score)
 
 
 def reference_logps(
