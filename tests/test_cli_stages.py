@@ -154,3 +154,22 @@ def test_grad_accumulation_matches_a_bigger_batch(model_dir, pref_file, tmp_path
     for a, b in zip(big, accumulated, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and a["pairs"] == b["pairs"]
     assert json.dumps(big[0]["pairs"]) == "8"
+
+
+def test_beam_search_and_greedy_sampling(files):
+    from prefloop.config import SamplingConfig
+    from prefloop.loop import PromptsConfig, load_prompts
+    from prefloop.stages import sample_prompts
+
+    prompts = load_prompts(PromptsConfig(path=str(files / "prompts.jsonl")))[:2]
+    policy = str(files / "policy")
+    beams = sample_prompts(policy, prompts, SamplingConfig(num_samples=2, num_beams=3,
+                                                           max_new_tokens=8))
+    assert len(beams) == 4 and all(r["logprob"] is None for r in beams)
+    assert beams[0]["response_ids"] != beams[1]["response_ids"]
+    greedy = sample_prompts(policy, prompts, SamplingConfig(num_samples=3, temperature=0.0,
+                                                            max_new_tokens=8))
+    assert len(greedy) == 2  # greedy gives one answer per prompt, not three copies
+    again = sample_prompts(policy, prompts, SamplingConfig(num_samples=1, temperature=0.0,
+                                                           max_new_tokens=8))
+    assert [r["response_ids"] for r in greedy] == [r["response_ids"] for r in again]
