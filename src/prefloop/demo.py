@@ -36,7 +36,7 @@ class DemoConfig:
     rm_epochs: float = 10.0
     rm_lr: float = 1e-3
     annotator_w_correct: float = 3.0
-    annotator_w_length: float = 0.08
+    annotator_w_length: float = 0.03
     # loop
     prompts_per_iteration: int = 192
     eval_prompts: int = 300
@@ -45,8 +45,8 @@ class DemoConfig:
     temperature: float = 1.0
     max_new_tokens: int = 64
     beta: float = 0.1
-    alpha: float = 0.05  # lr_dpo's per-token length margin
-    lr: float = 5e-5
+    alpha: float = 0.1  # lr_dpo per-token length margin
+    lr: float = 5e-4
     batch_size: int = 16
     epochs: float = 2.0
     runs: dict[str, dict] = field(default_factory=lambda: {
