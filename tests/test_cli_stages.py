@@ -173,3 +173,15 @@ def test_beam_search_and_greedy_sampling(files):
     again = sample_prompts(policy, prompts, SamplingConfig(num_samples=1, temperature=0.0,
                                                            max_new_tokens=8))
     assert [r["response_ids"] for r in greedy] == [r["response_ids"] for r in again]
+
+
+def test_evaluate_samples_from_two_models(files, capsys):
+    prompts = str(files / "prompts.jsonl")
+    policy = str(files / "policy")
+    assert main(["evaluate", policy, policy, "--prompts", prompts, "--max-new-tokens", "8",
+                 "--reward-model", str(files / "rm"), "-q"]) == 0
+    text = capsys.readouterr().out
+    # greedy samples of one model against itself: every prompt ties
+    assert "50.0 ± 0.0" in text and "length-controlled win rate │ 50.0" in text
+    assert main(["evaluate", policy, policy, "--reward-model", str(files / "rm")]) == 2
+    assert "needs --prompts" in capsys.readouterr().err

@@ -158,15 +158,36 @@ def _cmd_best_of_n(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def _responses(source: str, args: argparse.Namespace, procs) -> list[dict]:
+    """Rows of a responses file, or one sample per prompt drawn from a model."""
+    from pathlib import Path
+
+    from prefloop.config import SamplingConfig
     from prefloop.data import read_jsonl
+    from prefloop.loop import PromptsConfig, load_prompts
+    from prefloop.stages import sample_prompts
+
+    if Path(source).suffix == ".jsonl":
+        return read_jsonl(source)
+    if not args.prompts:
+        raise PrefloopError(f"{source}: a model needs --prompts to sample from "
+                            "(or give a responses .jsonl file)")
+    prompts = load_prompts(PromptsConfig(path=args.prompts, column=args.prompt_column,
+                                         limit=args.limit))
+    sampling = SamplingConfig(num_samples=1, temperature=args.temperature,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return sample_prompts(source, prompts, sampling, procs, args.trust_remote_code,
+                          not args.quiet)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
     from prefloop.evaluate import length_controlled_win_rate, length_stats, preferences, win_rate
     from prefloop.stages import Processes, score_rows
 
-    a, b = read_jsonl(args.a), read_jsonl(args.b)
+    procs = Processes()
+    a, b = _responses(args.a, args, procs), _responses(args.b, args, procs)
     for rows, path in ((a, args.a), (b, args.b)):
         _require(rows, path, ("prompt_id", "prompt", "response"))
-    procs = Processes()
     for rows in (a, b):
         if args.rescore or any("score" not in r for r in rows):
             scores = score_rows(rows, _reward(args), procs, args.trust_remote_code, not args.quiet)
@@ -404,9 +425,16 @@ def build_parser() -> argparse.ArgumentParser:
     bon.set_defaults(func=_cmd_best_of_n)
 
     ev = sub.add_parser("evaluate", help="win rate and length-controlled win rate of A vs B")
-    ev.add_argument("a", help="responses of model A (jsonl: prompt_id, prompt, response)")
-    ev.add_argument("b", help="responses of the baseline B on the same prompts")
+    ev.add_argument("a", help="model A: a responses .jsonl (prompt_id, prompt, response) or a "
+                    "model to sample from on --prompts")
+    ev.add_argument("b", help="baseline B on the same prompts: a .jsonl or a model")
     reward_options(ev)
+    ev.add_argument("--prompts", help="prompts to sample from when A or B is a model")
+    ev.add_argument("--prompt-column", default="prompt")
+    ev.add_argument("--limit", type=int, default=0, help="use the first N prompts")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--rescore", action="store_true", help="score even rows that have a score")
     ev.add_argument("--lc-fit", default="glm", help="glm | alpacaeval")
     ev.add_argument("--batch-size", type=int, default=16)
