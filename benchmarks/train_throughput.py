@@ -27,10 +27,13 @@ Why it is fair
 How
     Every run is a fresh subprocess (no state or warm caches shared between runs or
     libraries). The configurations are interleaved round-robin, the order rotating each
-    repeat, so slow drifts of machine load hit all of them alike; medians are reported, with
-    the individual times and the load average before each run.
+    round, so slow drifts of machine load hit all of them alike; medians are reported with
+    the individual times. The share of the CPUs that *other* processes used during each run
+    is measured (/proc/stat); a run disturbed beyond `--max-others` is discarded and run
+    again. On a shared machine, run with `--threads 1`: with every core busy, an OpenMP
+    thread waiting for a descheduled sibling slows a run several-fold and erratically.
 
-    .venv/bin/python benchmarks/train_throughput.py                    # full size, 3 repeats
+    .venv/bin/python benchmarks/train_throughput.py                    # full size, 3 rounds
     .venv/bin/python benchmarks/train_throughput.py --size small --repeats 1   # smoke run
 """
 
@@ -57,7 +60,7 @@ MAX_PROMPT_LENGTH = 512
 VOCAB_SIZE = 512  # BPE vocabulary trained on the benchmark's own texts
 
 # A system-style preamble before each question, so that the prompt is a realistic share
-# of every sequence (2–5 of these sentences: ~30–110 tokens with the tokenizer above).
+# of every sequence (2–5 of these sentences: prompts of ~30–110 tokens).
 PREAMBLE = [
     "You are a patient maths tutor for young learners.",
     "Answer the question that follows in plain, friendly words.",
@@ -140,7 +143,7 @@ def prepare_inputs(args: argparse.Namespace, workdir: Path) -> dict:
 
     # The tokens prefloop trains on; TRL's runs must report the same totals.
     pairs, _ = tokenize_pairs(load_preferences(data_path), tokenizer, MAX_LENGTH,
-                                  MAX_PROMPT_LENGTH, truncation="error")
+                              MAX_PROMPT_LENGTH, truncation="error")
     prompt = [len(p.prompt_ids) for p in pairs]
     chosen = [len(p.chosen_ids) for p in pairs]
     rejected = [len(p.rejected_ids) for p in pairs]
@@ -516,7 +519,8 @@ def print_report(meta: dict, summary: dict, runs: dict[str, list[dict]], args) -
         f"\n[bold]prefloop train vs TRL DPOTrainer[/]: {meta['model']['size']} Llama "
         f"({meta['model']['parameters'] / 1e6:.1f} M parameters, vocabulary "
         f"{meta['model']['vocab_size']}), {args.pairs} pairs, batch {args.batch_size}, fp32, "
-        f"{args.threads} threads, median of {args.repeats} interleaved rounds\n"
+        f"{args.threads} thread{'s' * (args.threads != 1)}, median of {args.repeats} interleaved "
+        "rounds\n"
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     )
     console.print("tokens per pair (min/median/max): " + ", ".join(
@@ -560,6 +564,20 @@ def print_report(meta: dict, summary: dict, runs: dict[str, list[dict]], args) -
             verdict = "[green]met[/]" if ratio >= args.target else "[red]not met[/]"
             console.print(f"target: prefloop ≥ {args.target}× TRL's best configuration "
                           f"({best}): {ratio:.2f}× — {verdict}")
+
+
+def describe(args, inputs: dict, configs: list[Config]) -> dict:
+    """Everything about the setting that the results depend on."""
+    return {
+        "versions": versions(),
+        "model": {"size": args.size, "parameters": inputs["parameters"],
+                  "vocab_size": inputs["vocab_size"]},
+        "data": {"tokens": inputs["tokens"], "longest_sequence": inputs["longest_sequence"],
+                 "prefloop_padded_tokens": inputs["prefloop_padded_tokens"]},
+        "trl_defaults": trl_defaults() if any(c.library == "trl" for c in configs) else {},
+        "settings": {k: str(v) for k, v in vars(args).items() if k != "worker"},
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def versions() -> dict:
@@ -625,16 +643,7 @@ def main(argv=None) -> None:
     try:
         print(f"1. building the {args.size} model, tokenizer and {args.pairs} pairs in {workdir}")
         inputs = prepare_inputs(args, workdir)
-        meta = {
-            "versions": versions(),
-            "model": {"size": args.size, "parameters": inputs["parameters"],
-                      "vocab_size": inputs["vocab_size"]},
-            "data": {"tokens": inputs["tokens"], "longest_sequence": inputs["longest_sequence"],
-                     "prefloop_padded_tokens": inputs["prefloop_padded_tokens"]},
-            "trl_defaults": trl_defaults() if any(c.library == "trl" for c in configs) else {},
-            "settings": {k: str(v) for k, v in vars(args).items() if k != "worker"},
-            "cpu_count": os.cpu_count(),
-        }
+        meta = describe(args, inputs, configs)
         print(f"2. measuring {', '.join(c.name for c in configs)}: {args.repeats} interleaved "
               "rounds, one subprocess per run")
         discarded: list[dict] = []
