@@ -13,11 +13,18 @@ What is measured
     * model compute: `generate` calls (the forward passes inside them shown apart; the
       rest of `generate` is sampling from the logits, the KV cache, stopping), forward
       calls of every `transformers` model and of prefloop's `ResponseLogProbs` wrapper,
-      `Tensor.backward`, optimizer steps — the union of these intervals (nested calls
-      count once);
+      the log-softmax of the sampled tokens over `generate`'s logits
+      (`sampling.sampled_token_logps`: the reference log-probs, which a trainer without
+      them computes in a forward pass), `Tensor.backward`, gradient clipping and optimizer
+      steps — the union of these intervals (nested calls count once);
     * model load/save: `from_pretrained` / `save_pretrained` of models and tokenizers;
     * JSON I/O: prefloop's `read_jsonl`, `write_jsonl`, `write_json`;
-    * the rest: tokenisation, collation, pairing, metrics, Python around the model.
+    * the rest: tokenisation (tokenizer calls, decoding, chat templates: shown apart),
+      collation, pairing, metrics, Python around the model.
+
+    Python's cyclic garbage collector is timed too (`gc.callbacks`), wherever its
+    collections fall (inside a forward as much as in tokenisation): shown apart, not
+    subtracted from any kind.
 
     The share outside model compute is (stage seconds − model compute) / stage seconds,
     summed over the iteration's stages.
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import shutil
@@ -48,7 +56,7 @@ import time
 from pathlib import Path
 
 STAGE_NAMES = ["sample", "score", "pair", "train", "evaluate"]
-KINDS = ["compute", "generate", "forward_in_generate", "load_save", "json_io"]
+KINDS = ["compute", "generate", "forward_in_generate", "load_save", "json_io", "tokenise", "gc"]
 
 
 class Clock:
@@ -136,12 +144,22 @@ def install(clock: Clock) -> None:
         register_optimizer_step_pre_hook,
     )
 
+    gc.callbacks.append(lambda phase, info: clock.enter("gc") if phase == "start"
+                        else clock.leave("gc"))
+    import prefloop.sampling
+
+    prefloop.sampling.sampled_token_logps = clock.wrap(
+        prefloop.sampling.sampled_token_logps, "compute")
+    torch.nn.utils.clip_grad_norm_ = clock.wrap(torch.nn.utils.clip_grad_norm_, "compute")
     register_optimizer_step_pre_hook(lambda *a: clock.enter("compute"))
     register_optimizer_step_post_hook(lambda *a: clock.leave("compute"))
 
     for cls in (PreTrainedModel, PreTrainedTokenizerBase, transformers.PretrainedConfig):
         load = cls.from_pretrained.__func__
         cls.from_pretrained = classmethod(clock.wrap(load, "load_save"))
+    for name in ("__call__", "decode", "batch_decode", "apply_chat_template"):
+        setattr(PreTrainedTokenizerBase, name,
+                clock.wrap(getattr(PreTrainedTokenizerBase, name), "tokenise"))
     for cls in (PreTrainedModel, PreTrainedTokenizerBase):
         cls.save_pretrained = clock.wrap(cls.save_pretrained, "load_save")
     for module, name in ((prefloop.io, "write_jsonl"), (prefloop.io, "write_json"),
@@ -250,14 +268,15 @@ def generate_overhead(round_: dict, stages: list[str]) -> float:
 
 def print_table(summary: dict, args) -> None:
     print("\n| stage | seconds | model compute s | (forward in generate s) | load/save s | "
-          "JSON I/O s | rest s | outside model compute |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|")
+          "JSON I/O s | rest s | (of which tokenisation s) | (Python GC s) | "
+          "outside model compute |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key, s in summary.items():
         rest = s["seconds"] - s["compute"] - s["load_save"] - s["json_io"]
         label = f"**{key}**" if key == "iteration" else key
         print(f"| {label} | {s['seconds']:.2f} | {s['compute']:.2f} | "
               f"{s['forward_in_generate']:.2f} | {s['load_save']:.2f} | {s['json_io']:.2f} | "
-              f"{rest:.2f} | {100 * (1 - s['compute'] / s['seconds']):.1f} % |")
+              f"{rest:.2f} | {s['tokenise']:.2f} | {s['gc']:.2f} | "
+              f"{100 * (1 - s['compute'] / s['seconds']):.1f} % |")
     it = summary["iteration"]
     share = statistics.median(it["outside_share_per_round"])
     verdict = "met" if share <= args.target else "not met"
@@ -279,8 +298,13 @@ def main(argv=None) -> None:
     p.add_argument("--testbed", type=Path, help="a built testbed directory (sft/, reward_model/)")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache/prefloop/testbed",
                    help="where build_testbed caches the testbed when --testbed is not given")
-    p.add_argument("--prompts", type=int, default=192, help="prompts per iteration")
-    p.add_argument("--eval-prompts", type=int, default=300)
+    from prefloop.demo import DemoConfig
+
+    demo = DemoConfig()
+    p.add_argument("--prompts", type=int, default=demo.prompts_per_iteration,
+                   help="prompts per iteration (default: the demo's)")
+    p.add_argument("--eval-prompts", type=int, default=demo.eval_prompts,
+                   help="held-out prompts evaluated per iteration (default: the demo's)")
     p.add_argument("--iterations", type=int, default=2,
                    help="loop iterations per round; the last one is reported as `iteration` "
                    "(the first pays one-off imports)")

@@ -291,8 +291,8 @@ def encode_prompts(tokenizer, prompts: Sequence[Text]) -> list[list[int]]:
         for i, row in zip(plain, encoded, strict=True):
             ids[i] = row
     if chat:
-        texts = [tokenizer.apply_chat_template(prompts[i], tokenize=False,
-                                               add_generation_prompt=True) for i in chat]
+        texts = tokenizer.apply_chat_template([prompts[i] for i in chat], tokenize=False,
+                                              add_generation_prompt=True)
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
         for i, row in zip(chat, encoded, strict=True):
             ids[i] = row

@@ -49,14 +49,23 @@ def check_scores(scores: Sequence[float], n: int, what: str = "reward") -> list[
 
 def conversation_text(tokenizer, prompt: Text, response: str) -> str:
     """The text a reward model reads: its own chat template when it has one."""
+    return conversation_texts(tokenizer, [prompt], [response])[0]
+
+
+def conversation_texts(tokenizer, prompts: Sequence[Text], responses: Sequence[str]
+                       ) -> list[str]:
+    """`conversation_text` of each (prompt, response): one chat-template call for all."""
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": response}], tokenize=False
-        )
-    if isinstance(prompt, list):
-        prompt = "\n".join(m["content"] for m in prompt)
-    return prompt + response
+        conversations = [
+            [*([{"role": "user", "content": p}] if isinstance(p, str) else p),
+             {"role": "assistant", "content": r}]
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        if not conversations:
+            return []
+        return tokenizer.apply_chat_template(conversations, tokenize=False)
+    return [(p if isinstance(p, str) else "\n".join(m["content"] for m in p)) + r
+            for p, r in zip(prompts, responses, strict=True)]
 
 
 class RewardModelScorer:
@@ -83,8 +92,7 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]:
-        texts = [conversation_text(self.tokenizer, p, r) for p, r in zip(prompts, responses,
-                                                                          strict=True)]
+        texts = conversation_texts(self.tokenizer, prompts, responses)
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # one batch call
         for i, ids in enumerate(encoded):
             if len(ids) > self.max_length:

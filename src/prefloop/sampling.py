@@ -106,18 +106,12 @@ class HFSampler:
                 output_logits=keep, **self._generate_kwargs(config),
             )
             new = out.sequences[:, width:].cpu()  # (b·K, steps)
-            logps = None
-            if keep:
-                # one step at a time: the same values as log-softmax over the stacked
-                # (b·K, steps, V) logits, without building that tensor twice (~4× faster)
-                logps = torch.stack([
-                    step.float().cpu().log_softmax(-1).gather(-1, new[:, j, None]).squeeze(-1)
-                    for j, step in enumerate(out.logits)  # step: (b·K, V)
-                ], dim=1)  # (b·K, steps)
+            logps = sampled_token_logps(out.logits, new) if keep else None
             k = config.num_samples
+            responses = self._responses(new)
             for j, i in enumerate(idx):
                 for s in range(k):
-                    rows.append(self._row(prompts[i], encoded[i], s, new[j * k + s],
+                    rows.append(self._row(prompts[i], encoded[i], s, *responses[j * k + s],
                                           None if logps is None else logps[j * k + s]))
             if bar is not None:
                 bar.update(len(idx))
@@ -126,14 +120,21 @@ class HFSampler:
         model.train(was_training)
         return rows
 
-    def _row(self, prompt: PromptRecord, prompt_ids: list[int], index: int, tokens, logps):
+    def _responses(self, new: torch.Tensor) -> list[tuple[list[int], str, str]]:
+        """(token ids up to and including the first EOS, their text, finish reason) of each
+        row of `new` (b·K, steps); one decode call for the batch."""
         eos = self.tokenizer.eos_token_id
-        ids = tokens.tolist()
-        finish = "length"
-        if eos in ids:
-            ids = ids[: ids.index(eos) + 1]
-            finish = "eos"
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = []
+        for ids in new.tolist():
+            if eos in ids:
+                cut.append((ids[: ids.index(eos) + 1], "eos"))
+            else:
+                cut.append((ids, "length"))
+        texts = self.tokenizer.batch_decode([ids for ids, _ in cut], skip_special_tokens=True)
+        return [(ids, text, finish) for (ids, finish), text in zip(cut, texts, strict=True)]
+
+    def _row(self, prompt: PromptRecord, prompt_ids: list[int], index: int, ids: list[int],
+             text: str, finish: str, logps):
         return {
             "prompt_id": prompt.prompt_id,
             "prompt": prompt.prompt,
@@ -146,6 +147,21 @@ class HFSampler:
             "finish_reason": finish,
             "logprob": None if logps is None else float(logps[: len(ids)].sum()),
         }
+
+
+def sampled_token_logps(step_logits: Sequence[torch.Tensor], new: torch.Tensor
+                        ) -> torch.Tensor:
+    """log π(y_j | x, y_<j) of each sampled token, from `generate`'s raw logits (before
+    temperature / top-p), one step at a time: (b·K, steps).
+
+    The same values as a log-softmax over the stacked (b·K, steps, V) logits without
+    building that tensor twice (~4× faster); these are the reference log-probs the trainer
+    reuses instead of a reference forward pass.
+    """
+    return torch.stack([
+        step.float().cpu().log_softmax(-1).gather(-1, new[:, j, None]).squeeze(-1)
+        for j, step in enumerate(step_logits)  # step: (b·K, V)
+    ], dim=1)
 
 
 def _progress(total: int, enabled: bool):
