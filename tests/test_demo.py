@@ -210,6 +210,37 @@ def test_starting_point_measures_the_sft_policy_and_the_reward_bias(reduced_demo
         spearmanr([r["num_tokens"] for r in correct], [r["score"] for r in correct])[0])
     assert start.length_cv >= 0.3  # the SFT policy samples a spread of lengths
     assert [ok for _, ok in start.checks()][:2] == [True, True]
+    # the reward model's length bias within prompts, on iteration 1's SFT samples
+    assert start.same_gold_pairs > 100 and start.longer_preferred > 0.5
+
+
+def test_longer_preferred_counts_same_prompt_same_gold_pairs():
+    from prefloop.demo import longer_preferred
+    from prefloop.testbed import CAPITALS
+
+    country, city = next(iter(sorted(CAPITALS.items())))
+    wrong = next(c for c in sorted(CAPITALS.values()) if c != city)
+    prompt = [{"role": "user", "content": f"What is the capital of {country}?"}]
+
+    def row(pid, answer, tokens, score):
+        return {"prompt_id": pid, "prompt": prompt, "response": f"The answer is {answer}.",
+                "num_tokens": tokens, "score": score}
+
+    rows = [
+        # prompt a: two correct (longer scored higher: 1), one wrong (no same-gold partner)
+        row("a", city, 10, 0.5), row("a", city, 20, 0.9), row("a", wrong, 30, 5.0),
+        # prompt b: two wrong, longer scored lower (0); a correct pair of equal length
+        # (skipped); a correct pair with a score tie (½)
+        row("b", wrong, 12, 0.3), row("b", wrong, 25, -0.2),
+        row("b", city, 15, 1.0), row("b", city, 15, 2.0),
+    ]
+    share, n = longer_preferred(rows)
+    # pairs: a (10, 20) → 1; b wrong (12, 25) → 0; b correct (15, 15) skipped ⇒ 1 of 2
+    assert (share, n) == (0.5, 2)
+    rows.append(row("b", city, 40, 1.0))  # a longer correct answer for b
+    share, n = longer_preferred(rows)
+    # new pairs with b's correct answers: (15 @1.0, 40 @1.0) → ½, (15 @2.0, 40 @1.0) → 0
+    assert n == 4 and share == pytest.approx((1 + 0 + 0.5 + 0) / 4)
 
 
 def test_demo_cli_takes_overrides_after_seeds(monkeypatch, capsys):

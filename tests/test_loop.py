@@ -147,6 +147,23 @@ def test_changed_config_is_refused_unless_redoing_from_a_stage(world, tmp_path):
     assert "alpha: 0.05" in (run_dir / "iter_1" / "policy" / "train_config.yaml").read_text()
 
 
+def test_auto_alpha_is_set_from_each_iterations_pairs_and_recorded(world, tmp_path):
+    from prefloop.losses import length_neutral_alpha
+
+    run_dir = tmp_path / "run"
+    run(_config(world, run_dir, "loss.auto_alpha=true"), progress=False)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for t in (1, 2):
+        pairs = read_jsonl(run_dir / f"iter_{t}" / "pairs.jsonl")
+        gaps = torch.tensor([float(len(p["chosen_ids"]) - len(p["rejected_ids"]))
+                             for p in pairs])
+        alpha = manifest["stages"][f"iter_{t}/train"]["alpha"]
+        assert alpha == pytest.approx(length_neutral_alpha(gaps), rel=1e-9)
+        summary = json.loads((run_dir / f"iter_{t}" / "policy" / "train_summary.json")
+                             .read_text())
+        assert summary["loss_params"]["alpha"] == alpha
+
+
 def test_all_scores_tied_is_a_clear_error(world, tmp_path):
     cfg = _config(world, tmp_path / "run", "reward.type=function", "reward.model=",
                   "reward.function=tests.reward_functions:constant")

@@ -27,6 +27,7 @@ from prefloop.losses import (
     PreferenceLogps,
     compute_loss,
     get_loss,
+    length_neutral_alpha,
 )
 
 F64 = torch.float64
@@ -338,6 +339,70 @@ def test_lr_dpo_gradient_shrinks_as_length_margin_grows():
     logps.chosen_lengths, logps.rejected_lengths = t(200.0), t(300.0)
     shorter = [abs(grad_wrt_chosen("lr_dpo", logps, beta=0.1, alpha=a).item()) for a in alphas]
     assert all(a < b for a, b in itertools.pairwise(shorter))
+
+
+# --------------------------------------------------------------------------------------------
+# loss.auto_alpha: the α whose first update is length-neutral
+# --------------------------------------------------------------------------------------------
+
+
+def test_length_neutral_alpha_hand_worked():
+    # gaps (2, −1): 2·σ(−2α) = σ(α) ⇔ with u = e^α: 2(1 + u) = u(1 + u²) ⇔ u³ − u − 2 = 0,
+    # whose real root is u = 1.52137970680457…, so α = ln u.
+    u = 1.0
+    for _ in range(60):  # Newton on u³ − u − 2
+        u -= (u**3 - u - 2) / (3 * u**2 - 1)
+    alpha = length_neutral_alpha(torch.tensor([2.0, -1.0]))
+    assert alpha == pytest.approx(math.log(u), rel=1e-9)
+    assert math.log(u) == pytest.approx(0.419618, abs=1e-6)
+
+
+def test_length_neutral_alpha_balances_the_gradient_weights_of_lr_dpo():
+    # at h = 0 the gradient of pair i in lp(y_w) is −β·σ(−α·d_i): at the returned α the
+    # gradient-weighted length gap Σ_i |∂L_i/∂lp(y_w)|·d_i is zero
+    gaps = torch.tensor([30.0, 12.0, 5.0, -4.0, -10.0, 22.0, 1.0], dtype=F64)
+    alpha = length_neutral_alpha(gaps)
+    n = len(gaps)
+    logps = PreferenceLogps(policy_chosen=torch.zeros(n, dtype=F64, requires_grad=True),
+                            policy_rejected=torch.zeros(n, dtype=F64),
+                            ref_chosen=torch.zeros(n, dtype=F64),
+                            ref_rejected=torch.zeros(n, dtype=F64),
+                            chosen_lengths=gaps + 50, rejected_lengths=torch.full((n,), 50.0,
+                                                                                  dtype=F64))
+    weights = -grad_wrt_chosen("lr_dpo", logps, beta=0.1, alpha=alpha)
+    assert float((weights * gaps).sum()) == pytest.approx(0.0, abs=1e-9)
+    # a smaller α still leans towards longer winners, a larger one towards shorter
+    for a, sign in ((0.9 * alpha, 1), (1.1 * alpha, -1)):
+        w = -grad_wrt_chosen("lr_dpo", logps, beta=0.1, alpha=a)
+        assert sign * float((w * gaps).sum()) > 0
+
+
+def test_length_neutral_alpha_edge_cases():
+    assert length_neutral_alpha(torch.tensor([-3.0, 1.0, 2.0])) == 0.0  # Σd ≤ 0: no penalty
+    assert length_neutral_alpha(torch.tensor([])) == 0.0
+    assert length_neutral_alpha(torch.zeros(4)) == 0.0
+    with pytest.raises(ValueError, match="at least as long"):
+        length_neutral_alpha(torch.tensor([3.0, 0.0, 5.0]))
+    # per unit of length: gaps in characters (×c) give α / c
+    gaps = torch.tensor([40.0, -8.0, 15.0, -2.0])
+    assert length_neutral_alpha(gaps * 4.5) == pytest.approx(length_neutral_alpha(gaps) / 4.5,
+                                                             rel=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-200, 200), min_size=2, max_size=60))
+def test_length_neutral_alpha_is_the_root(gaps):
+    d = torch.tensor(gaps, dtype=F64)
+    if float(d.sum()) > 0 and bool((d < 0).any()):
+        alpha = length_neutral_alpha(d)
+        assert alpha > 0
+
+        def f(a):
+            return float((torch.sigmoid(-a * d) * d).sum())
+
+        assert f(alpha * (1 - 1e-6)) >= -1e-9 and f(alpha * (1 + 1e-6)) <= 1e-9
+    elif float(d.sum()) <= 0:
+        assert length_neutral_alpha(d) == 0.0
 
 
 def test_dpo_gradient_directions():

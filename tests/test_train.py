@@ -130,6 +130,56 @@ def test_lora_trains_few_parameters_and_exports_a_merged_model(model_dir, pref_f
     assert any(not torch.equal(merged.state_dict()[k], v) for k, v in start.state_dict().items())
 
 
+def test_auto_alpha_trains_with_the_length_neutral_alpha_of_the_pairs(model_dir,
+                                                                       tokenizer, tmp_path):
+    from prefloop.losses import length_neutral_alpha
+
+    # winners longer by several words in 9 pairs of 12, shorter in the other 3
+    rows = [{"prompt": f"What is {i} plus {i}?",
+             "chosen": f"{i} plus {i} is {2 * i}." + (" I checked it twice." * (1 + i % 3)
+                                                       if i % 4 else ""),
+             "rejected": f"The sum is {2 * i + 1}." + ("" if i % 4 else " Sure, here it is.")}
+            for i in range(12)]
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    pairs, _ = tokenize_pairs(load_preferences(data), tokenizer)
+    gaps = torch.tensor([float(len(p.chosen_ids) - len(p.rejected_ids)) for p in pairs])
+    assert (gaps > 0).sum() == 9 and (gaps < 0).sum() == 3
+    expected = length_neutral_alpha(gaps)
+    assert expected > 0
+    result = train_preferences(
+        _config(model_dir("llama"), data, tmp_path / "out", "loss.name=lr_dpo",
+                "loss.auto_alpha=true", "training.max_steps=1"),
+        progress=False,
+    )
+    summary = json.loads((result.output_dir / "train_summary.json").read_text())
+    assert summary["loss_params"]["alpha"] == pytest.approx(expected, rel=1e-9)
+    assert result.loss_params["alpha"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["loss.name=dpo", "loss.auto_alpha=true"], "only for lr_dpo"),
+    (["loss.name=lr_dpo", "loss.auto_alpha=true", "loss.alpha=0.05"], "drop loss.alpha"),
+])
+def test_auto_alpha_misuse_is_refused(overrides, message, tmp_path):
+    from prefloop.errors import PrefloopError
+
+    with pytest.raises(PrefloopError, match=message):
+        _config("m", "d.jsonl", tmp_path / "out", *overrides).validate()
+
+
+def test_auto_alpha_without_a_shorter_winner_names_the_fix(model_dir, tmp_path):
+    from prefloop.errors import PrefloopError
+
+    rows = [{"prompt": f"Question {i}?", "chosen": "a long and careful answer " * 2,
+             "rejected": "short"} for i in range(8)]
+    data = write_jsonl(tmp_path / "longer.jsonl", rows)
+    with pytest.raises(PrefloopError, match=r"loss\.auto_alpha: .*set loss\.alpha instead"):
+        train_preferences(_config(model_dir("llama"), data, tmp_path / "out",
+                                  "loss.name=lr_dpo", "loss.auto_alpha=true",
+                                  "training.max_steps=1"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bf16_mixed_precision_step_on_cpu(model_dir, pref_file, tmp_path):
     result = train_preferences(
         _config(model_dir("llama"), pref_file(8), tmp_path / "out", "training.max_steps=1",

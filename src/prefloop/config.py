@@ -38,6 +38,8 @@ class LossConfig:
     name: str = "lr_dpo"
     length_unit: str = "tokens"  # tokens | chars, for the length margin of lr_dpo
     params: dict[str, float] = field(default_factory=dict)
+    # lr_dpo: α from the pairs (losses.length_neutral_alpha) instead of params.alpha
+    auto_alpha: bool = False
 
 
 @dataclass
@@ -268,6 +270,13 @@ def validate_loss(loss: LossConfig) -> None:
             )
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise PrefloopError(f"loss.{key}: expected a number, got {value!r}")
+    if loss.auto_alpha and loss.name != "lr_dpo":
+        raise PrefloopError(f"loss.auto_alpha: only for lr_dpo (the length margin's α), not "
+                            f"{loss.name!r}")
+    if loss.auto_alpha and "alpha" in loss.params:
+        raise PrefloopError("loss.auto_alpha: sets α from the pairs; drop loss.alpha "
+                            f"({loss.params['alpha']}; loss.alpha=null on the command line) "
+                            "or set loss.auto_alpha=false")
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -304,6 +313,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise PrefloopError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
+    if tp is type(None):
+        if value is not None:
+            raise PrefloopError(f"{key}: expected null, got {value!r}")
+        return None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise PrefloopError(f"{key}: expected a number, got {value!r}")
@@ -329,10 +342,11 @@ def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
     raw = dict(raw)
     if cls is LossConfig:
-        # everything under loss: besides name/length_unit is a parameter of the loss
+        # everything under loss: besides its fields is a parameter of the loss; a parameter
+        # set to null (`loss.alpha=null`) is removed, i.e. back to the loss's default
         params = dict(raw.pop("params", {}) or {})
         params.update({k: raw.pop(k) for k in list(raw) if k not in fields})
-        raw["params"] = params
+        raw["params"] = {k: v for k, v in params.items() if v is not None}
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:

@@ -53,9 +53,11 @@ class DemoConfig:
     temperature: float = 1.0
     max_new_tokens: int = 64
     beta: float = 0.1
-    # lr_dpo's per-token length margin. iLR-DPO length / SFT length after 3 iterations, seeds
-    # 0/1/2: α 0.06 → 1.17/0.67/1.18, α 0.07 → 0.99/0.64/0.90, α 0.1 → 0.90/0.58/0.69
-    alpha: float = 0.07
+    # lr_dpo's per-token length margin; None: set each iteration from the pairs
+    # (loss.auto_alpha, losses.length_neutral_alpha). iLR-DPO length / SFT length after 3
+    # iterations, seeds 0/1/2: auto → 1.03/1.09/1.10 (α 0.04–0.07); fixed α 0.06 →
+    # 1.17/0.67/1.18, 0.07 → 0.99/0.64/0.90, 0.1 → 0.90/0.58/0.69
+    alpha: float | None = None
     lr: float = 2e-4
     batch_size: int = 16
     epochs: float = 2.0
@@ -81,6 +83,8 @@ class DemoConfig:
                                 f"{self.rm_on_policy_share}")
         if self.num_samples < 2:
             raise PrefloopError("num_samples: pairing needs ≥ 2 samples per prompt")
+        if self.alpha is not None and self.alpha < 0:
+            raise PrefloopError(f"alpha: must be ≥ 0 (or null: automatic), got {self.alpha}")
         for name, loss in self.runs.items():
             if loss.get("name") not in LOSSES:
                 raise PrefloopError(f"runs.{name}.name: {loss.get('name')!r} is not a "
@@ -262,6 +266,11 @@ def export_testbed(cfg: DemoConfig, directory: Path, progress: bool = True,
     return _paths(directory, bed.seconds, bed.cached)
 
 
+def length_margin(cfg: DemoConfig) -> dict:
+    """lr_dpo's α: the demo's fixed value, or the automatic one when it has none."""
+    return {"auto_alpha": True} if cfg.alpha is None else {"alpha": cfg.alpha}
+
+
 def run_config(cfg: DemoConfig, bed: Testbed, prompts: PromptSets, run_dir: Path,
                loss: dict):
     from prefloop.config import from_dict
@@ -279,7 +288,7 @@ def run_config(cfg: DemoConfig, bed: Testbed, prompts: PromptSets, run_dir: Path
                      "max_new_tokens": cfg.max_new_tokens, "batch_size": 64,
                      "seed": cfg.seed},
         "reward": {"type": "model", "model": str(bed.reward_model), "batch_size": 64},
-        "loss": {"beta": cfg.beta, **({"alpha": cfg.alpha} if loss["name"] == "lr_dpo" else {}),
+        "loss": {"beta": cfg.beta, **(length_margin(cfg) if loss["name"] == "lr_dpo" else {}),
                  **loss},
         "data": {"max_length": 256, "max_prompt_length": 64},
         "training": {"lr": cfg.lr, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
@@ -356,6 +365,12 @@ class StartingPoint:
     # quality (correct ones, wrong ones): the proxy reward's length bias
     spearman_correct: float
     spearman_wrong: float
+    # Within one prompt: of two of the SFT policy's samples (iteration 1's) that are equally
+    # correct and differ in length, the share where the reward model scores the longer one
+    # higher (0.5 = no length bias), and how many such pairs there are. Unlike the Spearman
+    # above, differences between prompts do not enter.
+    longer_preferred: float
+    same_gold_pairs: int
 
     @classmethod
     def of(cls, run_dir: Path) -> StartingPoint:
@@ -373,8 +388,10 @@ class StartingPoint:
             return float(spearmanr([r["num_tokens"] for r in group],
                                    [r["score"] for r in group])[0])
 
+        scored = run_dir / "iter_1" / "scored.jsonl"
+        share, n = longer_preferred(read_jsonl(scored)) if scored.is_file() else (np.nan, 0)
         return cls(100 * float(np.mean([r["gold"] for r in rows])),
-                   float(tokens.std() / tokens.mean()), rho(1.0), rho(0.0))
+                   float(tokens.std() / tokens.mean()), rho(1.0), rho(0.0), share, n)
 
     def checks(self) -> list[tuple[str, bool]]:
         return [
@@ -383,7 +400,30 @@ class StartingPoint:
             ("reward–length Spearman ≥ 0.3 at equal gold (correct "
              f"{self.spearman_correct:.2f}, wrong {self.spearman_wrong:.2f})",
              min(self.spearman_correct, self.spearman_wrong) >= 0.3),
+            ("reward prefers the longer of two same-gold answers to one prompt > 50% "
+             f"({100 * self.longer_preferred:.0f}% of {self.same_gold_pairs} pairs)",
+             self.longer_preferred > 0.5),
         ]
+
+
+def longer_preferred(rows: Sequence[dict]) -> tuple[float, int]:
+    """(share, count) of same-prompt pairs of scored samples with equal gold correctness and
+    different token lengths in which the longer sample has the higher score (a tie counts
+    half)."""
+    from itertools import combinations
+
+    by_prompt: dict[str, list[tuple[int, float, bool]]] = {}
+    gold = testbed.gold([r["prompt"] for r in rows], [r["response"] for r in rows])
+    for r, g in zip(rows, gold, strict=True):
+        by_prompt.setdefault(r["prompt_id"], []).append((r["num_tokens"], r["score"], g))
+    wins = n = 0
+    for samples in by_prompt.values():
+        for (la, sa, ga), (lb, sb, gb) in combinations(samples, 2):
+            if ga != gb or la == lb:
+                continue
+            n += 1
+            wins += 0.5 if sa == sb else float((sa > sb) == (la > lb))
+    return (wins / n if n else float("nan")), n
 
 
 @dataclass

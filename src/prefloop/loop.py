@@ -506,9 +506,14 @@ class Loop:
         )
         result = train_preferences(train_cfg, pairs=pairs, progress=self.progress)
         last = result.log[-1]
-        return {"steps": result.steps, "pairs": len(pairs), "truncation": stats.as_dict(),
+        info = {"steps": result.steps, "pairs": len(pairs), "truncation": stats.as_dict(),
                 "final_loss": last["loss"], "final_accuracy": last["accuracy"],
                 "reference_seconds": round(result.reference_seconds, 3)}
+        if cfg.loss.auto_alpha:
+            info["alpha"] = result.loss_params["alpha"]
+            self.echo(f"iter {t}: α = {info['alpha']:.4g} per {cfg.loss.length_unit[:-1]} "
+                      "(loss.auto_alpha: length-neutral first update)")
+        return info
 
     def evaluate(self, t: int) -> dict:
         cfg = self.cfg
@@ -676,7 +681,8 @@ def plan(cfg: RunConfig) -> list[tuple[str, str]]:
                       ("replay_data", cfg.replay_data)):
         if path and _looks_local(path) and not Path(path).expanduser().exists():
             raise PrefloopError(f"{key}: {path} does not exist")
-    params = ", ".join(f"{k}={v}" for k, v in cfg.loss.params.items())
+    params = ", ".join([f"{k}={v}" for k, v in cfg.loss.params.items()]
+                       + (["alpha=auto"] if cfg.loss.auto_alpha else []))
     per_iter = cfg.prompts.per_iteration or "all"
     k = cfg.sampling.num_samples
     extra = " + 1 from the reference (xpo)" if cfg.pairing.strategy == "xpo" else ""

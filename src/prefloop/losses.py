@@ -52,6 +52,7 @@ __all__ = [
     "get_loss",
     "hinge_loss",
     "ipo_loss",
+    "length_neutral_alpha",
     "lr_dpo_loss",
     "nca_pair_loss",
     "rdpo_loss",
@@ -231,6 +232,54 @@ def lr_dpo_loss(logps: PreferenceLogps, *, beta: float = 0.1, alpha: float = 0.0
     d_w, d_l, h = _margin(logps)
     length_gap = logps.chosen_lengths - logps.rejected_lengths
     return _beta_rewards(_nll_sigmoid(beta * h + alpha * length_gap), beta, d_w, d_l)
+
+
+def length_neutral_alpha(length_gaps: Tensor) -> float:
+    """The α of LR-DPO at which its first update on these pairs is length-neutral.
+
+    prefloop's own rule (not from the iLR-DPO paper, which tunes α by hand). At the start of
+    training ``h = 0`` and the gradient of pair i's loss in ``h`` has weight
+    ``β·σ(−α·d_i)``, ``d_i = |y_w| − |y_l|``: a positive α turns down pairs whose winner is
+    longer and turns up pairs whose winner is shorter. The returned α is the root of
+
+    .. math::
+
+        f(α) = \\sum_i σ(−α·d_i)·d_i = 0,
+
+    the weighted mean length gap of the pairs the update follows; f falls strictly with α,
+    from ``Σ d_i / 2`` at α = 0 towards the sum of the negative gaps. When the pairs do not
+    favour longer winners (``Σ d_i ≤ 0``) the answer is 0 (α ≥ 0). It is the loss-side
+    analogue of DICE's pair-side rule (mean chosen−rejected gap closest to 0).
+
+    Args:
+        length_gaps: (num_pairs,) ``|y_w| − |y_l|`` in the loss's length unit.
+
+    Raises:
+        ValueError: when the gaps are longer-winner only (no pair has a shorter winner), so
+            no α balances them.
+    """
+    d = length_gaps.detach().double().flatten()
+    if d.numel() == 0 or float(d.sum()) <= 0:
+        return 0.0
+    if not bool((d < 0).any()):
+        raise ValueError("every pair's chosen response is at least as long as its rejected "
+                         "one: no α makes the first update length-neutral")
+
+    def weighted_gap(alpha: float) -> float:
+        return float((torch.sigmoid(-alpha * d) * d).sum())
+
+    lo, hi = 0.0, 1.0 / float(d.abs().max())
+    while weighted_gap(hi) > 0:  # f(∞) < 0, so this ends
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if weighted_gap(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return (lo + hi) / 2
 
 
 def cdpo_loss(logps: PreferenceLogps, *, beta: float = 0.1, epsilon: float = 0.1) -> LossOutput:

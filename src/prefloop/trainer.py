@@ -31,7 +31,7 @@ from prefloop.logprobs import (
     sum_by_sequence,
     token_logps_from_logits,
 )
-from prefloop.losses import LOSSES, PreferenceLogps, compute_loss
+from prefloop.losses import LOSSES, PreferenceLogps, compute_loss, length_neutral_alpha
 from prefloop.models import (
     apply_lora,
     count_parameters,
@@ -51,6 +51,7 @@ class TrainResult:
     truncation: dict = field(default_factory=dict)
     is_main_process: bool = True
     reference_seconds: float = 0.0  # the cached no-grad reference/teacher passes
+    loss_params: dict = field(default_factory=dict)  # as trained, `loss.auto_alpha`'s α included
 
     @property
     def total_seconds(self) -> float:
@@ -111,6 +112,19 @@ def reference_logps(
 
 
 # ---------------------------------------------------------------- one micro-batch
+
+
+def loss_parameters(cfg: TrainConfig, pairs: list[TokenizedPair]) -> dict[str, float]:
+    """The loss's keyword parameters: the config's, with `loss.auto_alpha`'s α set from
+    the pairs' length gaps (`losses.length_neutral_alpha`)."""
+    params = dict(cfg.loss.params)
+    if cfg.loss.auto_alpha:
+        chosen, rejected = _lengths(pairs, cfg.loss.length_unit)
+        try:
+            params["alpha"] = length_neutral_alpha(chosen - rejected)
+        except ValueError as e:
+            raise PrefloopError(f"loss.auto_alpha: {e}; set loss.alpha instead") from None
+    return params
 
 
 def _lengths(pairs: list[TokenizedPair], unit: str) -> tuple[Tensor, Tensor]:
@@ -201,6 +215,7 @@ def train_preferences(
     if pairs is None:  # before the model: bad data fails without loading any weights
         pairs, stats = load_training_pairs(cfg, tokenizer)
         truncation = stats.as_dict()
+    loss_params = loss_parameters(cfg, pairs)
     policy = load_causal_lm(cfg.model, cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     device = accelerator.device
@@ -245,7 +260,6 @@ def train_preferences(
     accelerator.wait_for_everyone()
     log = harness.StepLog(partial / "train_log.jsonl", accelerator, t_cfg.log_every, total_steps,
                           bool(cfg.report_to))
-    loss_params = dict(cfg.loss.params)
     stream = harness.micro_batches([p.length for p in pairs], global_batch, t_cfg)
     bar = harness.progress_bar(total_steps, progress and main)
     pairs_seen, start = 0, time.perf_counter()
@@ -302,6 +316,7 @@ def train_preferences(
             "pairs_per_second": pairs_seen / seconds, "num_pairs": len(pairs),
             "reference_seconds": reference_seconds,
             "processes": accelerator.num_processes, "loss": cfg.loss.name,
+            "loss_params": loss_params,
             "truncation": truncation, "trainable_parameters": params_trainable,
             "total_parameters": params_total, "config_hash": config_hash(cfg),
         }
@@ -311,5 +326,5 @@ def train_preferences(
     if cfg.report_to:
         accelerator.end_training()
     return TrainResult(output_dir, total_steps, pairs_seen, seconds, log.records, truncation, main,
-                       reference_seconds)
+                       reference_seconds, loss_params)
 
