@@ -23,7 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sources() -> list[tuple[str, ast.Module]]:
-    return [(p.name, ast.parse(p.read_text(), filename=str(p))) for p in sorted(SRC.glob("*.py"))]
+    """(path relative to src/prefloop, tree) of every module, sub-packages (cli/) included."""
+    return [(p.relative_to(SRC).as_posix(), ast.parse(p.read_text(), filename=str(p)))
+            for p in sorted(SRC.rglob("*.py"))]
 
 
 def calls(tree: ast.AST):

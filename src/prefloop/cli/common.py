@@ -1,0 +1,62 @@
+"""Helpers shared by several command families: tables, input checks, reward options."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prefloop.errors import PrefloopError
+
+if TYPE_CHECKING:
+    from prefloop.config import RewardConfig
+
+OVERRIDES_HELP = "dotted overrides, e.g. training.lr=1e-6 loss.name=dpo loss.beta=0.05"
+
+
+def print_rows(title: str, rows: Iterable[tuple[str, object]]) -> None:
+    from prefloop.summary import print_table
+
+    print_table(title, rows)
+
+
+def require_fields(rows: list[dict], path: str, fields: tuple[str, ...]) -> None:
+    """One clear error naming the file, row and field when a row lacks a field."""
+    if not rows:
+        raise PrefloopError(f"{path}: no rows")
+    for i, row in enumerate(rows):
+        for f in fields:
+            if f not in row:
+                raise PrefloopError(f"{path}, row {i}, field {f!r}: missing")
+
+
+def add_reward_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reward-model", help="sequence-classification reward model")
+    p.add_argument("--reward-function", help="a Python function, module:function")
+
+
+def reward_config(args: argparse.Namespace) -> RewardConfig:
+    """The reward of --reward-model / --reward-function (exactly one of them)."""
+    from prefloop.config import RewardConfig
+
+    if bool(args.reward_model) == bool(args.reward_function):
+        raise PrefloopError("give exactly one of --reward-model and --reward-function")
+    if args.reward_model:
+        return RewardConfig(type="model", model=args.reward_model, batch_size=args.batch_size)
+    return RewardConfig(type="function", function=args.reward_function)
+
+
+def quiet_libraries() -> None:
+    """`-q` also silences the Hugging Face libraries' own bars (loading weights, shards)."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when they are first imported
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()

@@ -1,0 +1,151 @@
+"""`prefloop evaluate` (win rate and length-controlled win rate of A vs B) and `report`."""
+
+from __future__ import annotations
+
+import argparse
+
+from prefloop.cli.common import add_reward_options, print_rows, require_fields, reward_config
+from prefloop.errors import PrefloopError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("evaluate", help="win rate and length-controlled win rate of A vs B")
+    ev.add_argument("a", help="model A: a responses .jsonl (prompt_id, prompt, response) or a "
+                    "model to sample from on --prompts")
+    ev.add_argument("b", help="baseline B on the same prompts: a .jsonl or a model")
+    add_reward_options(ev)
+    ev.add_argument("--prompts", help="prompts to sample from when A or B is a model")
+    ev.add_argument("--prompt-column", default="prompt")
+    ev.add_argument("--limit", type=int, default=0, help="use the first N prompts")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--rescore", action="store_true", help="score even rows that have a score")
+    ev.add_argument("--lc-fit", default="glm", choices=("glm", "alpacaeval"),
+                    help="glm: maximum likelihood; alpacaeval: AlpacaEval's L1 fit with C by CV")
+    ev.add_argument("--difficulty-column", metavar="NAME",
+                    help="per-prompt difficulty covariate θ_d of the LC GLM: a number in the "
+                    "response rows (A's, then B's) or in the --prompts rows (matched by "
+                    "prompt_id, or by row number in a file without that field)")
+    ev.add_argument("--verbose-baseline", metavar="FILE",
+                    help="responses .jsonl of B prompted to be verbose, on the same prompts: "
+                    "regularises the LC GLM's length slope as AlpacaEval 2 does")
+    ev.add_argument("--concise-baseline", metavar="FILE",
+                    help="responses .jsonl of B prompted to be concise (as --verbose-baseline)")
+    ev.add_argument("--regularize-lambda", type=float, default=0.2, metavar="λ",
+                    help="total weight per row of the verbose/concise rows, shared among the "
+                    "files given (default 0.2, AlpacaEval's)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("-q", "--quiet", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    report = sub.add_parser("report", help="HTML report with plots for one or more run dirs")
+    report.add_argument("runs", nargs="+", help="run directories (several are overlaid)")
+    report.add_argument("--out", help="HTML path (default: RUN/report.html)")
+    report.set_defaults(func=_cmd_report)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from prefloop import evaluate as ev
+    from prefloop.data import load_rows, read_jsonl
+    from prefloop.stages import Processes, score_rows
+
+    procs = Processes()
+    a, b = _responses(args.a, args, procs), _responses(args.b, args, procs)
+    variants = []  # the baseline prompted to be verbose / concise: responses files only
+    for flag, path in (("--verbose-baseline", args.verbose_baseline),
+                       ("--concise-baseline", args.concise_baseline)):
+        if path and Path(path).suffix != ".jsonl":
+            raise PrefloopError(f"{path}: {flag} takes a responses .jsonl file (prompt_id, "
+                                "prompt, response), the baseline's answers on the same prompts")
+        if path:
+            variants.append((path, read_jsonl(path)))
+    for rows, path in ((a, args.a), (b, args.b), *((r, p) for p, r in variants)):
+        require_fields(rows, path, ("prompt_id", "prompt", "response"))
+    for rows in (a, b, *(r for _, r in variants)):
+        if args.rescore or any("score" not in r for r in rows):
+            scores = score_rows(rows, reward_config(args), procs, args.trust_remote_code,
+                                not args.quiet)
+            for r, s in zip(rows, scores, strict=True):
+                r["score"] = s
+    if not procs.is_main:
+        return 0
+    pairs = ev.pair_by_prompt(a, b)
+    if not pairs:
+        raise PrefloopError(f"{args.a} and {args.b} share no prompt_id")
+    pa, pb = [a[i] for i, _ in pairs], [b[j] for _, j in pairs]
+    ids = [str(r["prompt_id"]) for r in pa]
+    difficulty = None
+    if args.difficulty_column:
+        sources = [(args.a, a), (args.b, b)]
+        if args.prompts:
+            sources.append((args.prompts, load_rows(args.prompts)))
+        difficulty = ev.prompt_numbers(args.difficulty_column, ids, sources)
+    by_prompt = None if difficulty is None else dict(zip(ids, difficulty.tolist(), strict=True))
+    regularize = [ev.prompted_baseline_rows(path, rows, pb, by_prompt) for path, rows in variants]
+    sa, sb = [r["score"] for r in pa], [r["score"] for r in pb]
+    chars_a, chars_b = [ev.response_chars(r) for r in pa], [ev.response_chars(r) for r in pb]
+    wr = ev.win_rate(sa, sb)
+    lc = ev.length_controlled_win_rate(ev.preferences(sa, sb), chars_a, chars_b, difficulty,
+                                       fit=args.lc_fit, regularize_to=regularize,
+                                       regularize_lambda=args.regularize_lambda)
+    la = ev.length_stats([r.get("num_tokens", 0) for r in pa], chars_a)
+    lb = ev.length_stats([r.get("num_tokens", 0) for r in pb], chars_b)
+    thetas = f"θ_len {lc.theta_length:+.3f}, θ_m {lc.theta_model:+.3f}"
+    if lc.theta_difficulty is not None:
+        thetas += f", θ_d {lc.theta_difficulty:+.3f}"
+    rows = [
+        ("prompts", wr.n),
+        ("win rate (soft)", f"{wr.soft:.1f} ± {wr.soft_se:.1f}"),
+        ("win rate (hard, ties ½)", f"{wr.hard:.1f} ± {wr.hard_se:.1f}"),
+        ("length-controlled win rate", f"{lc.lc:.1f}"),
+        (f"LC GLM ({lc.fit})", thetas + (f", C {lc.C:.3g}" if lc.C is not None else "")),
+    ]
+    if regularize:
+        rows.append(("LC regularised: rows, λ", " + ".join(
+            f"{len(r[0])} {Path(p).name}" for (p, _), r in zip(variants, regularize, strict=True))
+            + f", λ {args.regularize_lambda:g}"))
+    rows += [
+        ("mean / median chars A", f"{la['mean_chars']:.0f} / {la['median_chars']:.0f}"),
+        ("mean / median chars B", f"{lb['mean_chars']:.0f} / {lb['median_chars']:.0f}"),
+        ("mean reward A / B", f"{sum(sa) / len(sa):+.3f} / {sum(sb) / len(sb):+.3f}"),
+    ]
+    print_rows(f"prefloop evaluate: {args.a} vs {args.b}", rows)
+    return 0
+
+
+def _responses(source: str, args: argparse.Namespace, procs) -> list[dict]:
+    """Rows of a responses file, or one sample per prompt drawn from a model."""
+    from pathlib import Path
+
+    from prefloop.config import SamplingConfig
+    from prefloop.data import read_jsonl
+    from prefloop.loop import PromptsConfig, load_prompts
+    from prefloop.stages import sample_prompts
+
+    if Path(source).suffix == ".jsonl":
+        return read_jsonl(source)
+    if not args.prompts:
+        raise PrefloopError(f"{source}: a model needs --prompts to sample from "
+                            "(or give a responses .jsonl file)")
+    prompts = load_prompts(PromptsConfig(path=args.prompts, column=args.prompt_column,
+                                         limit=args.limit))
+    sampling = SamplingConfig(num_samples=1, temperature=args.temperature,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return sample_prompts(source, prompts, sampling, procs, args.trust_remote_code,
+                          not args.quiet)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from prefloop.report import write_report
+
+    runs = [Path(r) for r in args.runs]
+    out = Path(args.out) if args.out else runs[0] / "report.html"
+    path = write_report(runs, out)
+    print_rows("prefloop report", [("runs", len(runs)), ("report", str(path))])
+    return 0
