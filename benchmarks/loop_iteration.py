@@ -56,7 +56,8 @@ import time
 from pathlib import Path
 
 STAGE_NAMES = ["sample", "score", "pair", "train", "evaluate"]
-KINDS = ["compute", "generate", "forward_in_generate", "load_save", "json_io", "tokenise", "gc"]
+KINDS = ["compute", "generate", "forward_in_generate", "load_save", "json_io", "tokenise", "gc",
+         "logps_and_clip"]
 
 
 class Clock:
@@ -149,8 +150,9 @@ def install(clock: Clock) -> None:
     import prefloop.sampling
 
     prefloop.sampling.sampled_token_logps = clock.wrap(
-        prefloop.sampling.sampled_token_logps, "compute")
-    torch.nn.utils.clip_grad_norm_ = clock.wrap(torch.nn.utils.clip_grad_norm_, "compute")
+        prefloop.sampling.sampled_token_logps, "compute", "logps_and_clip")
+    torch.nn.utils.clip_grad_norm_ = clock.wrap(torch.nn.utils.clip_grad_norm_, "compute",
+                                                "logps_and_clip")
     register_optimizer_step_pre_hook(lambda *a: clock.enter("compute"))
     register_optimizer_step_post_hook(lambda *a: clock.leave("compute"))
 
@@ -281,6 +283,8 @@ def print_table(summary: dict, args) -> None:
     share = statistics.median(it["outside_share_per_round"])
     verdict = "met" if share <= args.target else "not met"
     strict = statistics.median(it["forward_only_outside_share_per_round"])
+    print(f"\nof the iteration's model compute, {it['logps_and_clip']:.2f} s are the sampled "
+          "tokens' log-probs and gradient clipping")
     print(f"\niteration (iter_{args.iterations} stages): outside model compute "
           f"{100 * share:.1f} % (median of "
           f"per-round shares {', '.join(f'{100 * x:.1f}' for x in it['outside_share_per_round'])}"

@@ -42,9 +42,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not result.is_main_process:
         return 0
     first, last = result.log[0], result.log[-1]
+    params = ", ".join(f"{k}={v:.4g}" for k, v in result.loss_params.items())
     print_table("prefloop train", [
         ("model", cfg.model),
-        ("loss", cfg.loss.name),
+        ("loss", f"{cfg.loss.name}({params})"
+         + (" — alpha from loss.auto_alpha" if cfg.loss.auto_alpha else "")),
         ("steps", result.steps),
         ("pairs seen", result.pairs_seen),
         ("pairs/s", result.pairs_per_second),
