@@ -162,6 +162,15 @@ def test_auto_alpha_is_set_from_each_iterations_pairs_and_recorded(world, tmp_pa
         summary = json.loads((run_dir / f"iter_{t}" / "policy" / "train_summary.json")
                              .read_text())
         assert summary["loss_params"]["alpha"] == alpha
+    # the α of each iteration is in metrics.jsonl next to the evaluation, and in the report
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert "alpha" not in metrics[0]
+    assert [m["alpha"] for m in metrics[1:]] == [
+        manifest["stages"][f"iter_{t}/train"]["alpha"] for t in (1, 2)]
+    from prefloop.report import write_report
+
+    page = write_report([run_dir], tmp_path / "report.html").read_text()
+    assert "α (lr_dpo)" in page
 
 
 def test_all_scores_tied_is_a_clear_error(world, tmp_path):

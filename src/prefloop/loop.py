@@ -540,11 +540,21 @@ class Loop:
             baseline = read_jsonl(self.it_dir(0) / "eval_samples.jsonl") if t else rows
             initial_logps = self.initial_logps(rows) if t else None
             record = evaluate_iteration(t, rows, baseline, initial_logps, cfg.eval.lc_fit)
+            if t and cfg.loss.name == "lr_dpo":
+                record["alpha"] = self.trained_alpha(t)
             io.write_jsonl(self.it_dir(t) / "eval_samples.jsonl", rows)
             io.write_json(self.it_dir(t) / "eval.json", record)
             self.write_metrics()
             self.echo(format_metrics_row(record, header=t == 0))
         return {}
+
+    def trained_alpha(self, t: int) -> float:
+        """lr_dpo's α in iteration t: the one `loss.auto_alpha` chose, or the config's."""
+        from prefloop.losses import LOSSES
+
+        if self.cfg.loss.auto_alpha:
+            return self.manifest.data["stages"][stage_key(t, "train")]["alpha"]
+        return self.cfg.loss.params.get("alpha", LOSSES["lr_dpo"].defaults["alpha"])
 
     def initial_logps(self, rows: list[dict]) -> list[float] | None:
         """log π₀(y|x) of the current policy's eval samples, for the KL estimate."""

@@ -19,7 +19,8 @@ The run directory layout it reads (written by the loop)::
     RUN/config.yaml                  optional; only its top-level `name:` is used
     RUN/metrics.jsonl                required; one row per evaluated iteration (0 = initial)
         {"iteration", "mean_reward", "mean_tokens", "median_tokens", "mean_chars",
-         "median_chars", "win_rate", "win_rate_se", "lc_win_rate", "kl", "gold_accuracy"?}
+         "median_chars", "win_rate", "win_rate_se", "lc_win_rate", "kl", "gold_accuracy"?,
+         "alpha"? (lr_dpo's α of the iteration's training)}
         (win rates in percent against the initial policy; any field but iteration may be
         null or absent)
     RUN/iter_<t>/eval_samples.jsonl  optional; {"prompt_id", "response", "score",
@@ -60,6 +61,7 @@ METRIC_FIELDS = (
     "lc_win_rate",
     "kl",
     "gold_accuracy",
+    "alpha",
 )
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 # At most this many responses per iteration go into the reward-vs-length scatter.
@@ -575,6 +577,7 @@ _COLUMNS = (
     ("lc_win_rate", "LC win rate %", "{:.1f}"),
     ("kl", "KL (nats)", "{:.3g}"),
     ("gold_accuracy", "gold accuracy", "{:.3f}"),
+    ("alpha", "α (lr_dpo)", "{:.4g}"),
 )
 
 
