@@ -11,6 +11,7 @@ from math import comb
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -79,6 +80,7 @@ def test_best_vs_worst_picks_max_and_min_with_all_fields():
     assert "chosen_ref_logps" not in pair
     assert stats.prompts == stats.pairs == stats.online_pairs == 1
     assert stats.mean_length_gap == 4.0 and stats.mean_score_gap == 3.0 and stats.alpha == 0.0
+    assert math.isnan(stats.neutral_alpha)  # one pair, its winner longer: no α balances it
 
 
 def test_prompt_ids_absent_when_input_lacks_them():
@@ -220,6 +222,22 @@ def length_biased(n_prompts, k, seed, bias=0.05):
             score = float(quality[j] + bias * lengths[j])
             rows.append(sample(f"p{i}", j, score, tokens=int(lengths[j])))
     return rows
+
+
+def test_pairing_reports_lr_dpo_length_neutral_alpha():
+    from prefloop.losses import length_neutral_alpha
+
+    # winners longer by 6 and 4 tokens, shorter by 3 in the third prompt
+    rows = (prompt_rows("a", [2.0, 0.0], tokens=[10, 4]) + prompt_rows("b", [1.0, 0.5],
+            tokens=[9, 5]) + prompt_rows("c", [3.0, 1.0], tokens=[5, 8]))
+    pairs, stats = make_pairs(rows, PairingConfig())
+    assert [p["chosen_tokens"] - p["rejected_tokens"] for p in pairs] == [6, 4, -3]
+    assert stats.neutral_alpha == pytest.approx(
+        length_neutral_alpha(torch.tensor([6.0, 4.0, -3.0])), rel=1e-12)
+    assert stats.neutral_alpha > 0 and stats.as_dict()["neutral_alpha"] == stats.neutral_alpha
+    # in characters (5 per token in these rows) α is per character
+    _, chars = make_pairs(rows, PairingConfig(length_unit="chars"))
+    assert chars.neutral_alpha == pytest.approx(stats.neutral_alpha / 5, rel=1e-9)
 
 
 def test_dice_auto_alpha_removes_the_length_gap():

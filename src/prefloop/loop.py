@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import platform
 import random
 import shutil
@@ -477,7 +478,9 @@ class Loop:
                    if pairing.rejection_sampling.enabled else "")
             self.echo(f"iter {t}: {stats.pairs} pairs from {stats.prompts} prompts, "
                       f"{stats.ties_dropped} ties dropped{rso}, length gap "
-                      f"{stats.mean_length_gap:+.1f} {pairing.length_unit}")
+                      f"{stats.mean_length_gap:+.1f} {pairing.length_unit}"
+                      + ("" if math.isnan(stats.neutral_alpha) else
+                         f" (length-neutral α {stats.neutral_alpha:.3g})"))
         return {"pairing": stats.as_dict()}
 
     def train(self, t: int) -> dict:

@@ -227,6 +227,9 @@ class PairingStats:
     alpha: float = 0.0  # the α_pair used (picked by the sweep when "auto")
     mean_length_gap: float = math.nan  # mean |y_w| − |y_l| over online pairs, in length_unit
     mean_score_gap: float = math.nan  # mean shaped s_w − s_l over online pairs
+    # lr_dpo's α whose first update on the online pairs is length-neutral, per length_unit
+    # (losses.length_neutral_alpha; what loss.auto_alpha would use); NaN when none exists
+    neutral_alpha: float = math.nan
     rso_accepted: int = 0  # candidates kept by rejection sampling (RSO)
     rso_rejected: int = 0  # candidates it dropped
 
@@ -590,13 +593,24 @@ def make_pairs(
         pairs = _scored_pairs(groups, config, stats)
     if pairs:
         unit = config.length_unit
-        stats.mean_length_gap = float(
-            np.mean([p[f"chosen_{unit}"] - p[f"rejected_{unit}"] for p in pairs])
-        )
+        gaps = [p[f"chosen_{unit}"] - p[f"rejected_{unit}"] for p in pairs]
+        stats.mean_length_gap = float(np.mean(gaps))
+        stats.neutral_alpha = _neutral_alpha(gaps)
     replayed = _draw_replay(replay, len(pairs), config)
     stats.replay_pairs = len(replayed)
     stats.pairs = len(pairs) + len(replayed)
     return pairs + replayed, stats
+
+
+def _neutral_alpha(gaps: Sequence[float]) -> float:
+    import torch
+
+    from prefloop.losses import length_neutral_alpha
+
+    try:
+        return length_neutral_alpha(torch.tensor(gaps, dtype=torch.float64))
+    except ValueError:  # no winner shorter than its loser
+        return math.nan
 
 
 def _scored_pairs(groups: dict[str, list[dict]], config: PairingConfig,
