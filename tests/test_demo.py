@@ -145,6 +145,7 @@ def test_build_key_tracks_model_settings_only():
     ("num_samples=1", "num_samples: pairing needs ≥ 2"),
     ("iterations=0", "iterations: must be ≥ 1"),
     ("runs.idpo.name=nope", "runs.idpo.name: 'nope' is not a registered loss"),
+    ("alpha=-1", "alpha: must be ≥ 0 (or null: automatic)"),
     ("colour=red", "colour"),
 ])
 def test_demo_cli_rejects_bad_settings(override, message, capsys):
@@ -212,6 +213,40 @@ def test_starting_point_measures_the_sft_policy_and_the_reward_bias(reduced_demo
     assert [ok for _, ok in start.checks()][:2] == [True, True]
     # the reward model's length bias within prompts, on iteration 1's SFT samples
     assert start.same_gold_pairs > 100 and start.longer_preferred > 0.5
+
+
+def test_lr_dpo_alpha_of_a_demo_run(tmp_path):
+    from prefloop.demo import PromptSets, _paths, run_config
+
+    bed, prompts = _paths(tmp_path / "bed"), PromptSets.at(tmp_path)
+
+    def loss_of(cfg: DemoConfig, name: str):
+        run = run_config(cfg, bed, prompts, tmp_path / name, cfg.runs[name])
+        run.validate()
+        return run.loss
+
+    cfg = DemoConfig(runs={"auto": {"name": "lr_dpo"}, "own": {"name": "lr_dpo", "alpha": 0.05},
+                           "dpo": {"name": "dpo"}})
+    assert loss_of(cfg, "auto").auto_alpha and "alpha" not in loss_of(cfg, "auto").params
+    own = loss_of(cfg, "own")  # a run's own α wins over the automatic one
+    assert not own.auto_alpha and own.params["alpha"] == 0.05
+    assert not loss_of(cfg, "dpo").auto_alpha and "alpha" not in loss_of(cfg, "dpo").params
+    fixed = loss_of(replace(cfg, alpha=0.07), "auto")
+    assert not fixed.auto_alpha and fixed.params["alpha"] == 0.07
+
+
+def test_a_demo_run_made_with_other_settings_is_named(tmp_path, monkeypatch):
+    from prefloop.loop import ConfigChanged, Loop
+
+    def changed(self, *a, **k):
+        raise ConfigChanged("differs")
+
+    monkeypatch.setattr(demo, "build_testbed", lambda cfg, *a, **k: demo._paths(tmp_path / "b"))
+    monkeypatch.setattr(Loop, "run", changed)
+    with pytest.raises(PrefloopError, match=r"idpo: holds a demo run made with other settings"
+                                            r".*give another --out"):
+        demo.run_demo(DemoConfig(out_dir=str(tmp_path / "out")), progress=False,
+                      echo=lambda *a, **k: None)
 
 
 def test_longer_preferred_counts_same_prompt_same_gold_pairs():

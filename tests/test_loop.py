@@ -118,6 +118,9 @@ def test_two_iterations_with_a_reward_model_leave_the_documented_artifacts(world
             assert m[key] is not None
     assert metrics[0]["win_rate"] == pytest.approx(50.0)
     assert metrics[1]["kl"] is not None
+    # lr_dpo with its default α: recorded by each train stage and shown with the metrics
+    assert [manifest["stages"][f"iter_{t}/train"]["alpha"] for t in (1, 2)] == [0.01, 0.01]
+    assert [m.get("alpha") for m in metrics] == [None, 0.01, 0.01]
 
 
 def test_function_reward_counts_ties_and_rerun_is_a_no_op(world, tmp_path):

@@ -383,6 +383,10 @@ def test_length_neutral_alpha_edge_cases():
     assert length_neutral_alpha(torch.zeros(4)) == 0.0
     with pytest.raises(ValueError, match="at least as long"):
         length_neutral_alpha(torch.tensor([3.0, 0.0, 5.0]))
+    with pytest.raises(ValueError, match="finite"):
+        length_neutral_alpha(torch.tensor([3.0, float("nan"), -5.0]))
+    # integer gaps (token counts) work as they are
+    assert length_neutral_alpha(torch.tensor([2, -1])) == pytest.approx(0.4196176, rel=1e-6)
     # per unit of length: gaps in characters (×c) give α / c
     gaps = torch.tensor([40.0, -8.0, 15.0, -2.0])
     assert length_neutral_alpha(gaps * 4.5) == pytest.approx(length_neutral_alpha(gaps) / 4.5,

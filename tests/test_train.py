@@ -130,8 +130,8 @@ def test_lora_trains_few_parameters_and_exports_a_merged_model(model_dir, pref_f
     assert any(not torch.equal(merged.state_dict()[k], v) for k, v in start.state_dict().items())
 
 
-def test_auto_alpha_trains_with_the_length_neutral_alpha_of_the_pairs(model_dir,
-                                                                       tokenizer, tmp_path):
+def test_auto_alpha_trains_with_the_length_neutral_alpha_of_the_pairs(model_dir, tokenizer,
+                                                                       tmp_path, monkeypatch):
     from prefloop.losses import length_neutral_alpha
 
     # winners longer by several words in 9 pairs of 12, shorter in the other 3
@@ -146,14 +146,50 @@ def test_auto_alpha_trains_with_the_length_neutral_alpha_of_the_pairs(model_dir,
     assert (gaps > 0).sum() == 9 and (gaps < 0).sum() == 3
     expected = length_neutral_alpha(gaps)
     assert expected > 0
+    import prefloop.trainer
+
+    used = []
+    compute_loss = prefloop.trainer.compute_loss
+
+    def spy(name, logps, **params):
+        used.append(params)
+        return compute_loss(name, logps, **params)
+
+    monkeypatch.setattr(prefloop.trainer, "compute_loss", spy)
     result = train_preferences(
         _config(model_dir("llama"), data, tmp_path / "out", "loss.name=lr_dpo",
-                "loss.auto_alpha=true", "training.max_steps=1"),
+                "loss.auto_alpha=true", "training.max_steps=2"),
         progress=False,
     )
+    # every step trained with it, and the records say so (β: the loss's default)
+    assert used and all(p["alpha"] == pytest.approx(expected, rel=1e-9) for p in used)
     summary = json.loads((result.output_dir / "train_summary.json").read_text())
-    assert summary["loss_params"]["alpha"] == pytest.approx(expected, rel=1e-9)
-    assert result.loss_params["alpha"] == pytest.approx(expected, rel=1e-9)
+    assert summary["loss_params"] == pytest.approx({"beta": 0.1, "alpha": expected}, rel=1e-9)
+    assert result.loss_params == summary["loss_params"]
+
+
+def test_null_unsets_a_loss_parameter_and_auto_alpha_off_keeps_old_hashes(tmp_path):
+    from prefloop.config import config_hash, dump_yaml, to_dict
+
+    cfg = _config("m", "d.jsonl", tmp_path / "out", "loss.name=lr_dpo", "loss.alpha=0.05")
+    assert cfg.loss.params == {"alpha": 0.05}
+    unset = _config("m", "d.jsonl", tmp_path / "out", "loss.name=lr_dpo", "loss.alpha=0.05",
+                    "loss.alpha=null")
+    assert unset.loss.params == {}
+    # auto_alpha is written only when on: configs of runs made before it hash as they did
+    assert "auto_alpha" not in to_dict(cfg)["loss"] and "auto_alpha" not in dump_yaml(cfg)
+    auto = _config("m", "d.jsonl", tmp_path / "out", "loss.name=lr_dpo",
+                   "loss.auto_alpha=true")
+    assert to_dict(auto)["loss"]["auto_alpha"] is True
+    assert config_hash(auto) != config_hash(unset)
+
+
+def test_a_wrong_value_for_an_optional_section_is_refused(tmp_path):
+    from prefloop.errors import PrefloopError
+    from prefloop.loop import load_run_config
+
+    with pytest.raises(PrefloopError, match=r"eval\.reward: 5 does not match"):
+        load_run_config(None, ["policy=p", "prompts.path=x.jsonl", "eval.reward=5"])
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -167,8 +203,12 @@ def test_auto_alpha_misuse_is_refused(overrides, message, tmp_path):
         _config("m", "d.jsonl", tmp_path / "out", *overrides).validate()
 
 
-def test_auto_alpha_without_a_shorter_winner_names_the_fix(model_dir, tmp_path):
+def test_auto_alpha_without_a_shorter_winner_names_the_fix(model_dir, tmp_path, monkeypatch):
+    import prefloop.trainer
     from prefloop.errors import PrefloopError
+
+    monkeypatch.setattr(prefloop.trainer, "load_causal_lm",
+                        lambda *a, **k: pytest.fail("loaded weights before checking the data"))
 
     rows = [{"prompt": f"Question {i}?", "chosen": "a long and careful answer " * 2,
              "rejected": "short"} for i in range(8)]

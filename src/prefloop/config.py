@@ -366,6 +366,10 @@ def to_dict(cfg: Any) -> dict:
                 if "params" in value and "length_unit" in value and "name" in value:
                     params = value.pop("params")
                     value.update(params)
+                    # added after runs existed: written only when on, so the config hash
+                    # of a run made before it is unchanged
+                    if value.get("auto_alpha") is False:
+                        del value["auto_alpha"]
                 flatten_loss(value)
 
     flatten_loss(out)

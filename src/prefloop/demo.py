@@ -266,8 +266,11 @@ def export_testbed(cfg: DemoConfig, directory: Path, progress: bool = True,
     return _paths(directory, bed.seconds, bed.cached)
 
 
-def length_margin(cfg: DemoConfig) -> dict:
-    """lr_dpo's α: the demo's fixed value, or the automatic one when it has none."""
+def length_margin(cfg: DemoConfig, loss: dict) -> dict:
+    """lr_dpo's α: the run's own (`runs.NAME.alpha`), else the demo's fixed value, else the
+    automatic one."""
+    if loss["name"] != "lr_dpo" or "alpha" in loss or "auto_alpha" in loss:
+        return {}
     return {"auto_alpha": True} if cfg.alpha is None else {"alpha": cfg.alpha}
 
 
@@ -288,8 +291,7 @@ def run_config(cfg: DemoConfig, bed: Testbed, prompts: PromptSets, run_dir: Path
                      "max_new_tokens": cfg.max_new_tokens, "batch_size": 64,
                      "seed": cfg.seed},
         "reward": {"type": "model", "model": str(bed.reward_model), "batch_size": 64},
-        "loss": {"beta": cfg.beta, **(length_margin(cfg) if loss["name"] == "lr_dpo" else {}),
-                 **loss},
+        "loss": {"beta": cfg.beta, **length_margin(cfg, loss), **loss},
         "data": {"max_length": 256, "max_prompt_length": 64},
         "training": {"lr": cfg.lr, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
                      "warmup_ratio": 0.1, "seed": cfg.seed},
@@ -317,7 +319,7 @@ class DemoResult:
 def run_demo(cfg: DemoConfig, progress: bool = True, echo=print) -> DemoResult:
     """Build (or reuse) the testbed, run every loss in `cfg.runs` from the same SFT policy,
     and write an HTML report overlaying the runs. An interrupted demo resumes."""
-    from prefloop.loop import Loop
+    from prefloop.loop import ConfigChanged, Loop
     from prefloop.report import write_report
 
     start = time.perf_counter()
@@ -331,7 +333,12 @@ def run_demo(cfg: DemoConfig, progress: bool = True, echo=print) -> DemoResult:
         run_cfg = run_config(cfg, bed, prompts, out / name, loss)
         run_cfg.validate()
         with one_torch_thread():
-            metrics[name] = Loop(run_cfg, progress, echo).run(resume=True).metrics
+            try:
+                metrics[name] = Loop(run_cfg, progress, echo).run(resume=True).metrics
+            except ConfigChanged:
+                raise PrefloopError(
+                    f"{out / name}: holds a demo run made with other settings (or an earlier "
+                    f"prefloop); give another --out, or delete {out}") from None
     report = write_report([out / name for name in cfg.runs], out / "report.html")
     return DemoResult(bed, metrics, report, time.perf_counter() - start)
 
@@ -400,10 +407,11 @@ class StartingPoint:
             ("reward–length Spearman ≥ 0.3 at equal gold (correct "
              f"{self.spearman_correct:.2f}, wrong {self.spearman_wrong:.2f})",
              min(self.spearman_correct, self.spearman_wrong) >= 0.3),
+        ] + ([] if not self.same_gold_pairs else [
             ("reward prefers the longer of two same-gold answers to one prompt > 50% "
              f"({100 * self.longer_preferred:.0f}% of {self.same_gold_pairs} pairs)",
              self.longer_preferred > 0.5),
-        ]
+        ])
 
 
 def longer_preferred(rows: Sequence[dict]) -> tuple[float, int]:

@@ -259,6 +259,10 @@ class Manifest:
         return bool(self.data.get("finished"))
 
 
+class ConfigChanged(PrefloopError):
+    """A run directory started with another config than the one given now."""
+
+
 def stage_key(iteration: int, stage: str) -> str:
     return f"iter_{iteration}/{stage}"
 
@@ -330,7 +334,7 @@ class Loop:
             return Manifest.load(path)
         if manifest.data["config_hash"] != digest:
             if not redo_from:
-                raise PrefloopError(
+                raise ConfigChanged(
                     f"{self.dir}: the config differs from the one this run was started with "
                     f"(hash {manifest.data['config_hash']} vs {digest}); use a new run_dir, or "
                     "pass --redo-from ITER/STAGE (e.g. iter_2/train) to redo from that stage"
@@ -512,8 +516,9 @@ class Loop:
         info = {"steps": result.steps, "pairs": len(pairs), "truncation": stats.as_dict(),
                 "final_loss": last["loss"], "final_accuracy": last["accuracy"],
                 "reference_seconds": round(result.reference_seconds, 3)}
-        if cfg.loss.auto_alpha:
+        if cfg.loss.name == "lr_dpo":
             info["alpha"] = result.loss_params["alpha"]
+        if cfg.loss.auto_alpha:
             self.echo(f"iter {t}: α = {info['alpha']:.4g} per {cfg.loss.length_unit[:-1]} "
                       "(loss.auto_alpha: length-neutral first update)")
         return info
@@ -543,7 +548,7 @@ class Loop:
             baseline = read_jsonl(self.it_dir(0) / "eval_samples.jsonl") if t else rows
             initial_logps = self.initial_logps(rows) if t else None
             record = evaluate_iteration(t, rows, baseline, initial_logps, cfg.eval.lc_fit)
-            if t and cfg.loss.name == "lr_dpo":
+            if t and cfg.loss.name == "lr_dpo" and self.trained_alpha(t) is not None:
                 record["alpha"] = self.trained_alpha(t)
             io.write_jsonl(self.it_dir(t) / "eval_samples.jsonl", rows)
             io.write_json(self.it_dir(t) / "eval.json", record)
@@ -551,13 +556,10 @@ class Loop:
             self.echo(format_metrics_row(record, header=t == 0))
         return {}
 
-    def trained_alpha(self, t: int) -> float:
-        """lr_dpo's α in iteration t: the one `loss.auto_alpha` chose, or the config's."""
-        from prefloop.losses import LOSSES
-
-        if self.cfg.loss.auto_alpha:
-            return self.manifest.data["stages"][stage_key(t, "train")]["alpha"]
-        return self.cfg.loss.params.get("alpha", LOSSES["lr_dpo"].defaults["alpha"])
+    def trained_alpha(self, t: int) -> float | None:
+        """lr_dpo's α in iteration t's training, as its train stage recorded it (None for a
+        stage trained before prefloop recorded it)."""
+        return self.manifest.data["stages"].get(stage_key(t, "train"), {}).get("alpha")
 
     def initial_logps(self, rows: list[dict]) -> list[float] | None:
         """log π₀(y|x) of the current policy's eval samples, for the KL estimate."""

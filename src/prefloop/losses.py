@@ -256,9 +256,11 @@ def length_neutral_alpha(length_gaps: Tensor) -> float:
 
     Raises:
         ValueError: when the gaps are longer-winner only (no pair has a shorter winner), so
-            no α balances them.
+            no α balances them, or when a gap is not finite.
     """
-    d = length_gaps.detach().double().flatten()
+    d = length_gaps.detach().to("cpu", torch.float64).flatten()
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError("length gaps must be finite numbers")
     if d.numel() == 0 or float(d.sum()) <= 0:
         return 0.0
     if not bool((d < 0).any()):

@@ -115,9 +115,10 @@ def reference_logps(
 
 
 def loss_parameters(cfg: TrainConfig, pairs: list[TokenizedPair]) -> dict[str, float]:
-    """The loss's keyword parameters: the config's, with `loss.auto_alpha`'s α set from
-    the pairs' length gaps (`losses.length_neutral_alpha`)."""
-    params = dict(cfg.loss.params)
+    """The loss's keyword parameters as trained: its defaults, the config's values over
+    them, and `loss.auto_alpha`'s α set from the pairs' length gaps
+    (`losses.length_neutral_alpha`)."""
+    params = {**LOSSES[cfg.loss.name].defaults, **cfg.loss.params}
     if cfg.loss.auto_alpha:
         chosen, rejected = _lengths(pairs, cfg.loss.length_unit)
         try:

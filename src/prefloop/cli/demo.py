@@ -15,7 +15,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "length-biased reward model — then run 3 iterations of iterative DPO and of iLR-DPO "
         "from the same SFT policy, evaluate both after every iteration on held-out prompts "
         "(gold accuracy, reward, length, win rates vs SFT) and write an HTML report. "
-        "Overrides set demo fields, e.g. alpha=0.05 iterations=2.",
+        "Overrides set demo fields, e.g. alpha=0.05 (a fixed α for iLR-DPO; by default it "
+        "is set from each iteration's pairs) iterations=2.",
     )
     demo.add_argument("overrides", nargs="*", help="demo settings, e.g. alpha=0.05 lr=1e-3")
     demo.add_argument("--seeds", nargs="+", metavar="SEED",
