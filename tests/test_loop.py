@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -174,6 +175,20 @@ def test_auto_alpha_is_set_from_each_iterations_pairs_and_recorded(world, tmp_pa
 
     page = write_report([run_dir], tmp_path / "report.html").read_text()
     assert "α (lr_dpo)" in page
+
+
+def test_gold_accuracy_standard_error_treats_prompts_as_the_unit():
+    from prefloop.loop import prompt_clustered_se
+
+    def rows(golds: dict[str, list[float]]) -> list[dict]:
+        return [{"prompt_id": p, "gold": g} for p, gs in golds.items() for g in gs]
+
+    # per-prompt means 0.5 and 1.0: sd (n−1) = √2/4, over √2 prompts = 0.25
+    assert prompt_clustered_se(rows({"a": [1, 0], "b": [1, 1]}), "gold") == pytest.approx(0.25)
+    # one sample per prompt: √(p(1−p)/(n−1)) with p = 0.75, n = 4
+    one = rows({"a": [1], "b": [0], "c": [1], "d": [1]})
+    assert prompt_clustered_se(one, "gold") == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+    assert prompt_clustered_se(rows({"a": [1, 0, 1]}), "gold") is None
 
 
 def test_all_scores_tied_is_a_clear_error(world, tmp_path):

@@ -355,7 +355,9 @@ def comparison_rows(result: DemoResult) -> list[list[str]]:
                 continue
             label = "SFT" if m["iteration"] == 0 else f"{name} t={m['iteration']}"
             rows.append([
-                label, f"{100 * m.get('gold_accuracy', float('nan')):.1f}",
+                label, f"{100 * m.get('gold_accuracy', float('nan')):.1f}"
+                + (f" ± {100 * m['gold_accuracy_se']:.1f}" if m.get("gold_accuracy_se")
+                   is not None else ""),
                 f"{m['mean_reward']:+.2f}", f"{m['mean_tokens']:.1f}", f"{m['mean_chars']:.0f}",
                 f"{m['win_rate']:.1f}", f"{m['lc_win_rate']:.1f}",
             ])

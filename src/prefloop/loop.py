@@ -607,6 +607,7 @@ def evaluate_iteration(t: int, rows: list[dict], baseline: list[dict],
     record["eos_rate"] = float(np.mean([r["finish_reason"] == "eos" for r in rows]))
     if any("gold" in r for r in rows):
         record["gold_accuracy"] = float(np.mean([r.get("gold", 0.0) for r in rows]))
+        record["gold_accuracy_se"] = prompt_clustered_se(rows, "gold")
     first = {r["prompt_id"]: r for r in baseline if r["sample_index"] == 0}
     mine = [r for r in rows if r["sample_index"] == 0 and r["prompt_id"] in first]
     base = [first[r["prompt_id"]] for r in mine]
@@ -623,6 +624,21 @@ def evaluate_iteration(t: int, rows: list[dict], baseline: list[dict],
         kl, kl_se = kl_estimate([r["logprob"] for r in rows], initial_logps)
         record.update(kl=float(kl), kl_se=float(kl_se))
     return record
+
+
+def prompt_clustered_se(rows: list[dict], key: str) -> float | None:
+    """Standard error of the mean of `key` over rows, prompts as the sampling unit: the sd
+    of the per-prompt means over √(number of prompts) (with one sample per prompt, the
+    usual √(p(1−p)/(n−1)) for a 0/1 value). None with fewer than two prompts."""
+    import numpy as np
+
+    by_prompt: dict[str, list[float]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_id"], []).append(float(r.get(key, 0.0)))
+    if len(by_prompt) < 2:
+        return None
+    means = np.array([np.mean(v) for v in by_prompt.values()])
+    return float(means.std(ddof=1) / np.sqrt(len(means)))
 
 
 METRIC_COLUMNS = [

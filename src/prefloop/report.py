@@ -586,8 +586,8 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     if value is None:
         return "–"
     text = fmt.format(value)
-    se = row.get(f"{key}_se")  # the loop writes win_rate_se and kl_se
-    if key in ("win_rate", "kl") and _is_number(se):
+    se = row.get(f"{key}_se")  # the loop writes win_rate_se, kl_se and gold_accuracy_se
+    if key in ("win_rate", "kl", "gold_accuracy") and _is_number(se):
         text += " ± " + fmt.format(se)
     return text
 
