@@ -244,3 +244,46 @@ def test_a_small_reward_model_is_loaded_once_across_scoring_calls(model_dir, mon
     os.utime(weights, ns=(os.stat(weights).st_atime_ns, os.stat(weights).st_mtime_ns + 10**9))
     stages.score_rows(rows, RewardConfig(type="model", model=rm, batch_size=2))
     assert len(loads) == 3  # the weights were rewritten: loaded anew
+
+
+def test_scoring_encodes_the_next_chunk_while_the_model_scores_this_one(model_dir, monkeypatch):
+    """`stages.score_rows` tokenises chunk k+1 on a worker thread during chunk k's forward
+    passes: same scores, in row order, as scoring every row in one call."""
+    import threading
+
+    from prefloop import rewards, stages
+    from prefloop.config import RewardConfig
+
+    monkeypatch.setattr(stages, "_kept_scorer", None)
+    rows = [{"prompt": f"What is {i} plus 2?\n", "response": "It is " + "so " * (i % 5)}
+            for i in range(23)]
+    firsts = [rows[0]["prompt"], rows[8]["prompt"], rows[16]["prompt"]]  # chunks 8, 8, 7
+    entered = {p: threading.Event() for p in firsts}
+    threads, overlapped = {}, []
+    encode, score_encoded = rewards.RewardModelScorer.encode, \
+        rewards.RewardModelScorer.score_encoded
+
+    def logged_encode(self, prompts, responses):
+        threads[prompts[0]] = threading.current_thread()
+        entered[prompts[0]].set()
+        return encode(self, prompts, responses)
+
+    def logged_score(self, encoded):
+        k = len(overlapped)
+        if k + 1 < len(firsts):  # the next chunk's encoding starts while this one is scored
+            overlapped.append(entered[firsts[k + 1]].wait(timeout=10))
+        else:
+            overlapped.append(True)
+        return score_encoded(self, encoded)
+
+    monkeypatch.setattr(rewards.RewardModelScorer, "encode", logged_encode)
+    monkeypatch.setattr(rewards.RewardModelScorer, "score_encoded", logged_score)
+    scores = stages.score_rows(rows, RewardConfig(type="model", model=model_dir("llama"),
+                                                  batch_size=2))
+    assert overlapped == [True, True, True]
+    assert all(t is not threading.main_thread() for t in threads.values())
+    # the same loaded model (a causal LM's score head is new at every load), kept for reuse
+    monkeypatch.setattr(rewards.RewardModelScorer, "score_encoded", score_encoded)
+    whole = stages._kept_scorer[1].score([r["prompt"] for r in rows],
+                                         [r["response"] for r in rows])
+    assert scores == pytest.approx(whole, abs=1e-5)

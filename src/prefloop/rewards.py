@@ -90,8 +90,13 @@ class RewardModelScorer:
         self.batch_size, self.max_length, self.device = batch_size, max_length, device
         self.truncated = 0
 
-    @torch.no_grad()
     def score(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]:
+        return self.score_encoded(self.encode(prompts, responses))
+
+    def encode(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[list[int]]:
+        """Token ids of each (prompt, response) as the reward model reads it (its chat
+        template; cut from the left to `max_length`). Model-free, so a caller may prepare
+        the next rows with it while `score_encoded` runs (`stages.score_rows` does)."""
         texts = conversation_texts(self.tokenizer, prompts, responses)
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # one batch call
         for i, ids in enumerate(encoded):
@@ -99,6 +104,11 @@ class RewardModelScorer:
                 # keep the end: the response is what is being judged
                 encoded[i] = ids[-self.max_length:]
                 self.truncated += 1
+        return encoded
+
+    @torch.no_grad()
+    def score_encoded(self, encoded: list[list[int]]) -> list[float]:
+        """Scores of rows from `encode`, in length-sorted batches."""
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         scores = [0.0] * len(encoded)
         pad = self.tokenizer.pad_token_id
@@ -112,7 +122,7 @@ class RewardModelScorer:
                                 attention_mask=mask.to(self.device)).logits
             for i, value in zip(idx, logits[:, 0].float().tolist(), strict=True):
                 scores[i] = value
-        return check_scores(scores, len(texts), "reward model")
+        return check_scores(scores, len(encoded), "reward model")
 
 
 def import_function(spec: str) -> Callable:

@@ -176,12 +176,12 @@ def score_rows(rows: Sequence[dict], reward: RewardConfig, procs: Processes | No
     scorer = _scorer(reward, trust_remote_code)
     mine = list(range(procs.rank, len(rows), procs.world))
     chunk = max(1, reward.batch_size * 4)
+    chunks = PrefetchedChunks(scorer, rows, [mine[i : i + chunk]
+                                             for i in range(0, len(mine), chunk)])
     local = []
-    for start in bar(range(0, len(mine), chunk), progress and procs.is_main, desc):
-        idx = mine[start : start + chunk]
+    for idx, score in bar(chunks, progress and procs.is_main, desc):
         try:
-            scores = scorer.score([rows[i]["prompt"] for i in idx],
-                                  [rows[i]["response"] for i in idx])
+            scores = score()
         except PrefloopError as e:
             if getattr(e, "index", None) is None:
                 raise
@@ -195,6 +195,38 @@ def score_rows(rows: Sequence[dict], reward: RewardConfig, procs: Processes | No
     for i, s in procs.gather(local):
         out[i] = s
     return out
+
+
+class PrefetchedChunks:
+    """(row indices, a thunk returning their scores) per chunk of rows. A scorer split into
+    `encode` (chat template + tokenizer, no model) and `score_encoded` (the model) gets the
+    next chunk encoded on a worker thread while the model scores this one: the tokenizer
+    and torch release the GIL, so the tokenisation hides behind the forward passes."""
+
+    def __init__(self, scorer, rows: Sequence[dict], chunks: list[list[int]]):
+        self.scorer, self.rows, self.chunks = scorer, rows, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def _texts(self, idx: list[int]) -> tuple[list, list]:
+        return [self.rows[i]["prompt"] for i in idx], [self.rows[i]["response"] for i in idx]
+
+    def __iter__(self):
+        scorer = self.scorer
+        if len(self.chunks) < 2 or not hasattr(scorer, "score_encoded"):
+            for idx in self.chunks:
+                yield idx, lambda idx=idx: scorer.score(*self._texts(idx))
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            ahead = pool.submit(scorer.encode, *self._texts(self.chunks[0]))
+            for k, idx in enumerate(self.chunks):
+                encoded = ahead.result()  # an error of encode surfaces here, in order
+                if k + 1 < len(self.chunks):
+                    ahead = pool.submit(scorer.encode, *self._texts(self.chunks[k + 1]))
+                yield idx, lambda encoded=encoded: scorer.score_encoded(encoded)
 
 
 def best_of_n(rows: Sequence[dict], scores: Sequence[float]) -> list[dict]:
