@@ -33,13 +33,18 @@ class DataConfig:
     truncation: str = "truncate"  # truncate | skip | error
 
 
+# Metadata of a config field added after run directories existed: `to_dict` writes it only
+# when it differs from its default, so the config (and hash) of an older run is unchanged.
+ADDED_LATER = {"written_when_set": True}
+
+
 @dataclass
 class LossConfig:
     name: str = "lr_dpo"
     length_unit: str = "tokens"  # tokens | chars, for the length margin of lr_dpo
     params: dict[str, float] = field(default_factory=dict)
     # lr_dpo: α from the pairs (losses.length_neutral_alpha) instead of params.alpha
-    auto_alpha: bool = False
+    auto_alpha: bool = field(default=False, metadata=ADDED_LATER)
 
 
 @dataclass
@@ -360,18 +365,23 @@ def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
 def to_dict(cfg: Any) -> dict:
     out = dataclasses.asdict(cfg)
 
+    def drop_unset_additions(obj: Any, d: dict) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("written_when_set") and value == f.default:
+                del d[f.name]
+            elif dataclasses.is_dataclass(value):
+                drop_unset_additions(value, d[f.name])
+
     def flatten_loss(d: dict) -> None:
         for value in d.values():
             if isinstance(value, dict):
                 if "params" in value and "length_unit" in value and "name" in value:
                     params = value.pop("params")
                     value.update(params)
-                    # added after runs existed: written only when on, so the config hash
-                    # of a run made before it is unchanged
-                    if value.get("auto_alpha") is False:
-                        del value["auto_alpha"]
                 flatten_loss(value)
 
+    drop_unset_additions(cfg, out)
     flatten_loss(out)
     return _plain(out)
 

@@ -548,8 +548,9 @@ class Loop:
             baseline = read_jsonl(self.it_dir(0) / "eval_samples.jsonl") if t else rows
             initial_logps = self.initial_logps(rows) if t else None
             record = evaluate_iteration(t, rows, baseline, initial_logps, cfg.eval.lc_fit)
-            if t and cfg.loss.name == "lr_dpo" and self.trained_alpha(t) is not None:
-                record["alpha"] = self.trained_alpha(t)
+            alpha = self.trained_alpha(t) if t and cfg.loss.name == "lr_dpo" else None
+            if alpha is not None:
+                record["alpha"] = alpha
             io.write_jsonl(self.it_dir(t) / "eval_samples.jsonl", rows)
             io.write_json(self.it_dir(t) / "eval.json", record)
             self.write_metrics()

@@ -4,7 +4,7 @@ pair|best-of-n`): each works on plain rows and spreads its work over processes."
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prefloop import faults
 from prefloop.config import RewardConfig, SamplingConfig
@@ -112,14 +112,14 @@ def _scorer(reward: RewardConfig, trust_remote_code: bool):
     return build_scorer(reward, trust_remote_code)
 
 
-def _keep_or_release(reward: RewardConfig, trust_remote_code: bool, scorer) -> None:
+def _keep_if_small(reward: RewardConfig, trust_remote_code: bool, scorer) -> bool:
+    """Keep a small reward model for the next call; True when the scorer is big, i.e. the
+    caller should drop its references and `_release(True)` it."""
     global _kept_scorer
     big = _weight_bytes(scorer) >= RELEASE_BYTES
-    if reward.type == "model" and not big:
-        _kept_scorer = (_scorer_key(reward, trust_remote_code), scorer)
-    else:
-        _kept_scorer = None
-        _release(big)
+    keep = reward.type == "model" and not big
+    _kept_scorer = (_scorer_key(reward, trust_remote_code), scorer) if keep else None
+    return big
 
 
 # ---------------------------------------------------------------- sampling and scoring
@@ -176,12 +176,34 @@ def score_rows(rows: Sequence[dict], reward: RewardConfig, procs: Processes | No
     scorer = _scorer(reward, trust_remote_code)
     mine = list(range(procs.rank, len(rows), procs.world))
     chunk = max(1, reward.batch_size * 4)
-    chunks = PrefetchedChunks(scorer, rows, [mine[i : i + chunk]
-                                             for i in range(0, len(mine), chunk)])
+    local = _score_chunks(scorer, rows, [mine[i : i + chunk] for i in range(0, len(mine), chunk)],
+                          progress and procs.is_main, desc, source)
+    big = _keep_if_small(reward, trust_remote_code, scorer)
+    del scorer  # the last reference here: a full collection can now free its weights
+    _release(big)
+    out = [0.0] * len(rows)
+    for i, s in procs.gather(local):
+        out[i] = s
+    return out
+
+
+def _score_chunks(scorer, rows: Sequence[dict], chunks: list[list[int]], progress: bool,
+                  desc: str, source: str) -> list[tuple[int, float]]:
+    """(row index, score) for every row of `chunks`. A scorer split into `encode` (no model)
+    and `score_encoded` gets the next chunk tokenised on a worker thread meanwhile."""
+
+    def texts(idx: list[int]) -> tuple[list, list]:
+        return [rows[i]["prompt"] for i in idx], [rows[i]["response"] for i in idx]
+
+    if hasattr(scorer, "score_encoded"):
+        inputs, run = one_ahead(lambda idx: scorer.encode(*texts(idx)), chunks), \
+            scorer.score_encoded
+    else:
+        inputs, run = map(texts, chunks), lambda t: scorer.score(*t)
     local = []
-    for idx, score in bar(chunks, progress and procs.is_main, desc):
+    for idx, x in zip(bar(chunks, progress, desc), inputs, strict=True):
         try:
-            scores = score()
+            scores = run(x)
         except PrefloopError as e:
             if getattr(e, "index", None) is None:
                 raise
@@ -189,44 +211,25 @@ def score_rows(rows: Sequence[dict], reward: RewardConfig, procs: Processes | No
                 from None
         local += list(zip(idx, scores, strict=True))
         faults.point()
-    _keep_or_release(reward, trust_remote_code, scorer)
-    del scorer
-    out = [0.0] * len(rows)
-    for i, s in procs.gather(local):
-        out[i] = s
-    return out
+    return local
 
 
-class PrefetchedChunks:
-    """(row indices, a thunk returning their scores) per chunk of rows. A scorer split into
-    `encode` (chat template + tokenizer, no model) and `score_encoded` (the model) gets the
-    next chunk encoded on a worker thread while the model scores this one: the tokenizer
-    and torch release the GIL, so the tokenisation hides behind the forward passes."""
+def one_ahead(fn: Callable, items: Sequence) -> Iterator:
+    """fn(item) for each item in order, the next one computed on a worker thread while the
+    caller works on the current one (tokenizers and torch release the GIL, so CPU-side
+    preparation hides behind the model). An error of fn surfaces at its item."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    def __init__(self, scorer, rows: Sequence[dict], chunks: list[list[int]]):
-        self.scorer, self.rows, self.chunks = scorer, rows, chunks
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def _texts(self, idx: list[int]) -> tuple[list, list]:
-        return [self.rows[i]["prompt"] for i in idx], [self.rows[i]["response"] for i in idx]
-
-    def __iter__(self):
-        scorer = self.scorer
-        if len(self.chunks) < 2 or not hasattr(scorer, "score_encoded"):
-            for idx in self.chunks:
-                yield idx, lambda idx=idx: scorer.score(*self._texts(idx))
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            ahead = pool.submit(scorer.encode, *self._texts(self.chunks[0]))
-            for k, idx in enumerate(self.chunks):
-                encoded = ahead.result()  # an error of encode surfaces here, in order
-                if k + 1 < len(self.chunks):
-                    ahead = pool.submit(scorer.encode, *self._texts(self.chunks[k + 1]))
-                yield idx, lambda encoded=encoded: scorer.score_encoded(encoded)
+    if len(items) < 2:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = pool.submit(fn, items[0])
+        for item in items[1:]:
+            current = ahead.result()
+            ahead = pool.submit(fn, item)
+            yield current
+        yield ahead.result()
 
 
 def best_of_n(rows: Sequence[dict], scores: Sequence[float]) -> list[dict]:
