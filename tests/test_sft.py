@@ -254,3 +254,44 @@ def test_two_processes_match_one_process(model_dir, tmp_path):
     for a, b in zip(one, two, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5
         assert abs(a["delta_sparsity"] - b["delta_sparsity"]) < 1e-3
+
+
+def _mixed_length_rows(n: int, seed: int = 0) -> list[dict]:
+    """Half the completions are two words, half carry ~20 words of filler; which one does not
+    depend on the prompt, so a model that fits the data answers long half of the time."""
+    import random
+
+    rng = random.Random(seed)
+    filler = " Let me think about this step by step, because careful answers are better."
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        answer = f"It is {a + b}."
+        rows.append({"prompt": f"What is {a} plus {b}?\n",
+                     "completion": answer + (filler * 2 if rng.random() < 0.5 else "")})
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_sampled_length_matches_the_data_whatever_the_batching(group_by_length, model_dir,
+                                                               tmp_path):
+    """Length-grouped batches must not teach shorter answers than the data's: before every
+    token of an epoch weighed alike, steps of short examples weighed each of their tokens
+    more and the model answered long far less often than half of the time."""
+    from prefloop.config import SamplingConfig
+    from prefloop.sampling import PromptRecord
+    from prefloop.stages import sample_prompts
+
+    rows = _mixed_length_rows(256)
+    cfg = _config(model_dir("llama", "micro"), tmp_path / "out", "training.epochs=12",
+                  "training.batch_size=16", "training.scheduler=constant",
+                  f"training.group_by_length={str(group_by_length).lower()}")
+    result = train_sft(cfg, rows=rows, progress=False)
+    data_tokens = result.summary["tokens_seen"] / result.summary["examples_seen"]
+    prompts = [PromptRecord(str(i), r["prompt"]) for i, r in enumerate(_mixed_length_rows(200, 1))]
+    samples = sample_prompts(str(result.output_dir), prompts, SamplingConfig(
+        num_samples=2, temperature=1.0, max_new_tokens=64, batch_size=100, seed=0))
+    sampled = sum(s["num_tokens"] for s in samples) / len(samples)
+    # 400 samples of a two-point mixture: one standard error of the mean is ~4 % of it
+    assert abs(sampled / data_tokens - 1) <= 0.15, (sampled, data_tokens)

@@ -92,10 +92,14 @@ class DemoConfig:
 
     def build_key(self) -> str:
         """Hash of what the cached models depend on (prompt sets are cheap and not cached)."""
-        text = json.dumps({k: getattr(self, k) for k in MODEL_KEYS}, sort_keys=True)
+        text = json.dumps({"recipe": TESTBED_RECIPE, **{k: getattr(self, k) for k in MODEL_KEYS}},
+                          sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# Raised whenever the code that builds the testbed changes what it builds (2: SFT weighs
+# every completion token of an epoch alike), so that no cache of an older build is reused.
+TESTBED_RECIPE = 2
 # The fields the testbed's models (SFT policy, reward model) are built from.
 MODEL_KEYS = ("seed", "vocab_size", "policy_size", "rm_size", "sft_examples", "sft_epochs",
               "sft_lr", "rm_pairs", "rm_epochs", "rm_lr", "rm_on_policy_share",

@@ -11,10 +11,17 @@ Templating is the DPO trainer's (`data.render_prompt_response`): plain text is
 `prompt + completion + EOS`, chat goes through the tokenizer's chat template, so the
 tokens an SFT model learns to emit are the tokens preference training later scores.
 
-Loss, the mean over every completion token c of an optimizer step (all micro-batches,
-all processes; prompt and padding positions are never fed to the LM head):
+Loss of an optimizer step s over its examples S_s and their completion tokens C_s (all
+micro-batches, all processes; prompt and padding positions are never fed to the LM head):
 
-    L(θ) = −(1/|C|) Σ_{c∈C} log π_θ(y_c | x, y_<c)  +  λ₁ · Σ_i |θ_i − θ₀_i|
+    L_s(θ) = −1/(|S_s|·c̄) Σ_{c∈C_s} log π_θ(y_c | x, y_<c)  +  λ₁ · Σ_i |θ_i − θ₀_i|
+
+c̄ is the mean number of completion tokens per example over the whole data set, a constant
+of the run. Dividing by the step's own token count |C_s| instead would give every step the
+same weight whatever its tokens, so with length-grouped batches a token of a short example
+would weigh more than one of a long example and the model would learn to answer shorter
+than its data. With the constant, every completion token of an epoch weighs alike whatever
+the batching, and the step's loss is still a per-token mean on average.
 
 The second term is PAFT's sparse SFT (Pentyala et al., 2024, arXiv:2406.17923): θ₀ are
 the starting weights of the trainable parameters, frozen. An L1 term only makes weights
@@ -390,15 +397,17 @@ def train_sft(cfg: SFTConfig, rows: list[dict] | None = None,
     log = harness.StepLog(partial / "train_log.jsonl", accelerator, t.log_every, total_steps,
                           bool(cfg.report_to))
     stream = harness.micro_batches([s.length for s in seqs], global_batch, t)
+    tokens_per_example = sum(s.num_trained for s in seqs) / len(seqs)  # c̄
     bar = harness.progress_bar(total_steps, progress and main, "sft")
 
     # 3. optimisation --------------------------------------------------------------------------
     examples_seen, tokens_seen, start = 0, 0, time.perf_counter()
     for step in range(1, total_steps + 1):
         micro = [next(stream) for _ in range(t.grad_accum)]
-        # every process knows the whole step's token count, so the sum below scaled by it is
-        # the mean over all completion tokens of the step (DDP averages over processes)
         step_tokens = sum(seqs[i].num_trained for _, b, _ in micro for i in b)
+        # every process knows the step's example count, so the summed NLL scaled by
+        # n_proc / (examples · c̄) weighs every token of the epoch alike (DDP averages)
+        normaliser = micro[0][2] * tokens_per_example
         nll_sum = torch.zeros((), device=device)
         epoch = micro[-1][0]
         for k, (_, global_idx, _) in enumerate(micro):
@@ -408,7 +417,7 @@ def train_sft(cfg: SFTConfig, rows: list[dict] | None = None,
             ctx = contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
             with ctx, accelerator.autocast():
                 nll = -wrapped(batch).sum()  # (T,) completion-token log-probs → summed NLL
-                loss = nll * (n_proc / step_tokens)
+                loss = nll * (n_proc / normaliser)
                 if not torch.isfinite(loss):
                     raise harness.non_finite_loss(loss, step, k, [seqs[i].row for i in idx],
                                                   partial, cfg.output_dir, cfg.model, main)
