@@ -21,13 +21,14 @@ Conventions (METHODS.md, "Evaluation"):
 Bad input (empty or mismatched arrays, non-finite values, preferences outside [0, 1]) raises
 :class:`prefloop.errors.PrefloopError` naming the argument.
 
-``scipy`` is needed for ``fit="glm"`` and ``scikit-learn`` for ``fit="alpacaeval"``; both are
-imported only when used.
+``scipy`` is needed for :func:`length_controlled_win_rate` and ``scikit-learn`` for its
+``fit="alpacaeval"``; both are imported only when used.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -40,11 +41,18 @@ from prefloop.errors import PrefloopError, where
 __all__ = [
     "ALPACAEVAL_C_GRID",
     "ALPACAEVAL_FOLDS",
+    "ALPACAEVAL_MAX_ITER",
+    "ALPACAEVAL_RANDOM_STATE",
     "ALPACAEVAL_REGULARIZE_LAMBDA",
+    "ALPACAEVAL_TOL",
     "LCWinRate",
     "RegularizationRows",
     "WinRate",
+    "alpacaeval_folds",
+    "format_rate",
+    "is_extreme_change",
     "kl_estimate",
+    "lc_warnings",
     "length_controlled_win_rate",
     "length_feature",
     "length_stats",
@@ -60,6 +68,14 @@ __all__ = [
 ALPACAEVAL_C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 4, 10))
 #: Folds of the prompt-grouped cross-validation that picks C.
 ALPACAEVAL_FOLDS = 5
+#: liblinear's stopping tolerance and iteration limit in AlpacaEval's fit: scikit-learn's
+#: LogisticRegressionCV defaults, which AlpacaEval keeps.
+ALPACAEVAL_TOL = 1e-4
+ALPACAEVAL_MAX_ITER = 100
+#: AlpacaEval's random_state; it seeds liblinear, which shuffles the coordinates it descends.
+ALPACAEVAL_RANDOM_STATE = 123
+# AlpacaEval clips predicted probabilities to [ε, 1 − ε] in its cross-validation log-loss.
+_LOGLOSS_EPS = 1e-15
 # The unregularised fit has no finite optimum when the data are separable (e.g. A wins every
 # prompt): coefficients are bounded here so the fit stays finite; σ(50) = 1 − 2e-22.
 _THETA_BOUND = 50.0
@@ -182,7 +198,9 @@ class LCWinRate:
     - ``C``: the inverse L1 strength chosen by cross-validation (``fit="alpacaeval"``), None for
       the unregularised fit;
     - ``n``: number of prompts; ``fit``: which fit produced it;
-    - ``n_regularization``: number of verbose/concise-baseline rows in the fit (0 without).
+    - ``n_regularization``: number of verbose/concise-baseline rows in the fit (0 without);
+    - ``warnings``: one sentence per reason to distrust ``lc`` (see :func:`lc_warnings`, and
+      liblinear's iteration limit for ``fit="alpacaeval"``); empty when there is none.
     """
 
     lc: float
@@ -194,8 +212,9 @@ class LCWinRate:
     n: int
     fit: str
     n_regularization: int = 0
+    warnings: tuple[str, ...] = ()
 
-    def as_dict(self) -> dict[str, float | int | str | None]:
+    def as_dict(self) -> dict[str, float | int | str | tuple[str, ...] | None]:
         return asdict(self)
 
 
@@ -255,26 +274,44 @@ def _fit_glm(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     return theta
 
 
-def _l1_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: float) -> np.ndarray:
+def alpacaeval_folds(n: int, k: int = ALPACAEVAL_FOLDS) -> list[np.ndarray]:
+    """Held-out rows of each fold of AlpacaEval's cross-validation, in fold order.
+
+    AlpacaEval splits with scikit-learn's ``GroupKFold`` (no shuffling) and one group per row
+    (a row's two duplicated label rows stay together); this asks the installed scikit-learn's
+    ``GroupKFold`` for the same split of rows 0..n−1. GroupKFold deals the groups, largest
+    first, each to the fold holding the fewest samples so far (ties to the lower fold). All
+    groups here have the same size, so the order among them decides: scikit-learn ≥ 1.9 sorts
+    ties stably, which puts row i in fold (n − 1 − i) mod k (the last row in fold 0, the one
+    before it in fold 1, …); older versions broke the ties with numpy's unstable argsort,
+    whose order varies between installs, and asking GroupKFold keeps prefloop on the order
+    that alpaca_eval gets beside it. Each fold's rows are ascending.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    if not 2 <= k <= n:
+        raise PrefloopError(f"alpacaeval_folds: need 2 ≤ k ≤ n, got k={k}, n={n}")
+    rows = np.arange(n)
+    return [test for _, test in GroupKFold(n_splits=k).split(rows[:, None], groups=rows)]
+
+
+def _l1_logistic(
+    x: np.ndarray, y: np.ndarray, w: np.ndarray, c: float, random_state: np.random.RandomState
+) -> tuple[np.ndarray, bool]:
     """L1-penalised logistic regression without intercept (liblinear) on soft labels.
 
-    Minimises ‖θ‖₁ + C·Σ_rows weight·logloss over the duplicated rows (label 1 with weight
-    w_i·y_i, label 0 with weight w_i·(1−y_i); rows of weight 0 dropped).
+    Minimises ‖θ‖₁ + C·Σ_rows weight·logloss over the duplicated rows: rows 1..N label 1
+    with weight w_i·y_i, then rows N+1..2N label 0 with weight w_i·(1−y_i), rows of weight 0
+    kept, as AlpacaEval lays them out. liblinear runs with AlpacaEval's tolerance
+    :data:`ALPACAEVAL_TOL` and iteration limit :data:`ALPACAEVAL_MAX_ITER`; its seed (it
+    shuffles the coordinates it descends) is the next draw of ``random_state``. Returns θ and
+    whether liblinear stopped before its iteration limit.
     """
     import sklearn
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     m = y.size
-    xs = np.concatenate([x, x])
-    labels = np.concatenate([np.ones(m), np.zeros(m)])
-    weights = np.concatenate([w * y, w * (1.0 - y)])
-    keep = weights > 0
-    if np.unique(labels[keep]).size < 2:
-        raise PrefloopError(
-            "fit='alpacaeval': every preference in a fitting set is "
-            f"{'1 (A always wins)' if labels[keep][0] == 1 else '0 (A always loses)'}; liblinear "
-            "needs both outcomes. Use fit='glm', whose bounded fit handles this case"
-        )
     # scikit-learn ≥ 1.8 spells the L1 penalty l1_ratio=1 and deprecates `penalty`.
     major, minor = (int(v) for v in sklearn.__version__.split(".")[:2])
     penalty = {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
@@ -282,40 +319,63 @@ def _l1_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: float) -> np.nd
         C=c,
         solver="liblinear",
         fit_intercept=False,
-        tol=1e-6,
-        max_iter=1000,
-        random_state=0,
+        tol=ALPACAEVAL_TOL,
+        max_iter=ALPACAEVAL_MAX_ITER,
+        random_state=random_state,
         **penalty,
     )
-    model.fit(xs[keep], labels[keep], sample_weight=weights[keep])
-    return model.coef_.ravel().astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # reported by the caller
+        model.fit(
+            np.concatenate([x, x]),
+            np.concatenate([np.ones(m), np.zeros(m)]),
+            sample_weight=np.concatenate([w * y, w * (1.0 - y)]),
+        )
+    converged = int(np.max(model.n_iter_)) < ALPACAEVAL_MAX_ITER
+    return model.coef_.ravel().astype(np.float64), converged
 
 
-def _fit_alpacaeval(
-    x: np.ndarray, y: np.ndarray, w: np.ndarray, seed: int
-) -> tuple[np.ndarray, float]:
+def _fold_score(y: np.ndarray, w: np.ndarray, z: np.ndarray) -> float:
+    """AlpacaEval's held-out score of a fold (higher is better): minus its mean weighted soft
+    log-loss,
+
+        mean_i w_i·[y_i·log p_i + (1−y_i)·log(1−p_i)],  p_i = clip(σ(z_i), 1e-15, 1 − 1e-15).
+    """
+    from scipy.special import expit
+
+    p = np.clip(expit(z), _LOGLOSS_EPS, 1.0 - _LOGLOSS_EPS)
+    return float(np.mean(w * (y * np.log(p) + (1.0 - y) * np.log(1.0 - p))))
+
+
+def _fit_alpacaeval(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float, int]:
     """AlpacaEval's fit: C by row-grouped k-fold CV on the soft log-loss, then a full refit.
 
-    Rows (each carrying both of its duplicated label rows) are dealt into min(5, N) folds by a
-    seeded random permutation; each C in :data:`ALPACAEVAL_C_GRID` is scored by the mean
-    held-out weighted soft log-loss w·(−[y·log p + (1−y)·log(1−p)]) over all rows; the
-    smallest loss wins (ties go to the smaller C), and the model is refitted on every row with
-    that C.
+    The folds are :func:`alpacaeval_folds` (k = min(5, N) over all N rows, regularisation rows
+    included). In each fold, liblinear is fitted on the other folds' rows for every C of
+    :data:`ALPACAEVAL_C_GRID` in increasing order, seeded by successive draws of
+    ``RandomState(123)`` (one fresh stream per fold, as scikit-learn's LogisticRegressionCV
+    does), and the fold is scored by :func:`_fold_score`. The C whose scores summed over the
+    folds are largest wins (ties to the smaller C), and the model is refitted on every row
+    with that C, seeded by the first draw of ``RandomState(123)``. Returns θ, C and the number
+    of liblinear fits (of k·10 + 1) that hit the iteration limit.
     """
     n = y.size
     k = min(ALPACAEVAL_FOLDS, n)
     if k < 2:
         raise PrefloopError("fit='alpacaeval': cross-validation needs at least 2 prompts")
-    folds = np.array_split(np.random.default_rng(seed).permutation(n), k)
-    cv_losses = []
-    for c in ALPACAEVAL_C_GRID:
-        held_out_logit = np.empty(n)
-        for test in folds:
-            train = np.setdiff1d(np.arange(n), test)
-            held_out_logit[test] = x[test] @ _l1_logistic(x[train], y[train], w[train], c)
-        cv_losses.append(float(np.mean(w * _row_log_loss(y, held_out_logit))))
-    best = ALPACAEVAL_C_GRID[int(np.argmin(cv_losses))]
-    return _l1_logistic(x, y, w, best), best
+    scores = np.zeros(len(ALPACAEVAL_C_GRID))
+    unconverged = 0
+    for test in alpacaeval_folds(n, k):
+        train = np.setdiff1d(np.arange(n), test)
+        seeds = np.random.RandomState(ALPACAEVAL_RANDOM_STATE)
+        for j, c in enumerate(ALPACAEVAL_C_GRID):
+            theta, converged = _l1_logistic(x[train], y[train], w[train], c, seeds)
+            scores[j] += _fold_score(y[test], w[test], x[test] @ theta)
+            unconverged += not converged
+    best = ALPACAEVAL_C_GRID[int(np.argmax(scores))]
+    seeds = np.random.RandomState(ALPACAEVAL_RANDOM_STATE)
+    theta, converged = _l1_logistic(x, y, w, best, seeds)
+    return theta, best, unconverged + (not converged)
 
 
 #: AlpacaEval's weight λ of the verbose/concise baseline rows, shared among the sets given.
@@ -342,9 +402,9 @@ def _regularization_design(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Design rows (M, 2 or 3) and labels (M,) of the verbose/concise-baseline comparisons.
 
-    Set k's rows are [tanh(d_kj / sd(d_k)), 0, difficulty_kj?]: their own standardised length
-    difference, a model column of 0 (the prompted baseline is the baseline, so its quality
-    term is pinned to 0), and the difficulty of their prompt.
+    Set k's rows are [tanh(d_kj / sd(d_k)), difficulty_kj?, 0]: their own standardised length
+    difference, the difficulty of their prompt, and a model column of 0 (the prompted
+    baseline is the baseline, so its quality term is pinned to 0).
     """
     xs, ys = [], []
     for k, rows in enumerate(sets):
@@ -357,7 +417,7 @@ def _regularization_design(
         y = _preference_array(f"{name}.preference", rows[0])
         m = y.size
         cols = [length_feature(_as_1d(f"{name}.len_a", rows[1], m),
-                               _as_1d(f"{name}.len_b", rows[2], m)), np.zeros(m)]
+                               _as_1d(f"{name}.len_b", rows[2], m))]
         if difficulty is not None:
             if len(rows) == 4:
                 cols.append(_as_1d(f"{name}.difficulty", rows[3], m))
@@ -370,6 +430,7 @@ def _regularization_design(
                 )
         elif len(rows) == 4:
             raise PrefloopError(f"{name}: gives a difficulty but the model's rows have none")
+        cols.append(np.zeros(m))
         xs.append(np.stack(cols, axis=1))
         ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
@@ -381,7 +442,6 @@ def length_controlled_win_rate(
     len_b: ArrayLike,
     difficulty: ArrayLike | None = None,
     fit: FitMethod = "glm",
-    seed: int = 0,
     regularize_to: Sequence[RegularizationRows] = (),
     regularize_lambda: float = ALPACAEVAL_REGULARIZE_LAMBDA,
 ) -> LCWinRate:
@@ -399,11 +459,19 @@ def length_controlled_win_rate(
 
         LC = mean_i σ(θ_m [+ θ_d·difficulty_i]) · 100.
 
-    ``fit="glm"`` (default) is unregularised maximum likelihood. ``fit="alpacaeval"`` matches
-    AlpacaEval's fit: L1-penalised (liblinear, no intercept, every coefficient penalised) with
-    C chosen among 10 values log-spaced over [1e-4, 1e4] by 5-fold cross-validation grouped by
-    row and scored by the (weighted) soft log-loss; the fold assignment is a random permutation
-    of the rows drawn with ``seed``.
+    ``fit="glm"`` (default) is unregularised maximum likelihood. ``fit="alpacaeval"``
+    reproduces alpaca_eval 0.6.6's ``get_length_controlled_winrate`` (checked by
+    ``tests/test_alpacaeval_parity.py``): L1-penalised (liblinear, no intercept, every
+    coefficient penalised, tolerance 1e-4, at most 100 iterations, seeded from random_state
+    123) with C chosen among 10 values log-spaced over [1e-4, 1e4] by 5-fold cross-validation
+    grouped by row in scikit-learn's ``GroupKFold`` order and scored by the (weighted) soft
+    log-loss; see :func:`_fit_alpacaeval` and :func:`alpacaeval_folds`. Its columns are in
+    AlpacaEval's order [length, difficulty?, model] and, with ``regularize_to``, its rows too:
+    the baseline sets' rows first, then the model's. When A wins (or loses) every prompt, the
+    other label's rows have weight 0 and the L1 penalty keeps θ finite, as in AlpacaEval.
+
+    ``warnings`` in the result lists reasons to distrust LC (:func:`lc_warnings`): lengths
+    that cannot separate length from model, or an LC far from the raw win rate.
 
     ``difficulty`` is an optional per-prompt covariate (AlpacaEval's instruction difficulty,
     estimated beforehand from many models' comparisons); prefloop does not estimate it.
@@ -444,11 +512,10 @@ def length_controlled_win_rate(
     """
     y = _preference_array("preference", preference)
     n = y.size
-    columns = [length_feature(_as_1d("len_a", len_a, n), _as_1d("len_b", len_b, n)), np.ones(n)]
+    a, b = _as_1d("len_a", len_a, n), _as_1d("len_b", len_b, n)
     diff = None if difficulty is None else _as_1d("difficulty", difficulty, n)
-    if diff is not None:
-        columns.append(diff)
-    x = np.stack(columns, axis=1)  # (n, 2 or 3): [length, model, difficulty?]
+    columns = [length_feature(a, b), *(() if diff is None else (diff,)), np.ones(n)]
+    x = np.stack(columns, axis=1)  # (n, 2 or 3): [length, difficulty?, model]
     w = np.ones(n)
     n_reg = 0
     if regularize_to:
@@ -458,29 +525,126 @@ def length_controlled_win_rate(
             )
         x_reg, y_reg = _regularization_design(regularize_to, n, diff)
         n_reg = y_reg.size
-        x = np.concatenate([x, x_reg])  # (n + M, …)
-        y = np.concatenate([y, y_reg])
-        w = np.concatenate([w, np.full(n_reg, regularize_lambda / len(regularize_to))])
+        # AlpacaEval's row order, which its folds follow: the baseline rows, then the model's.
+        x = np.concatenate([x_reg, x])  # (M + n, …)
+        y = np.concatenate([y_reg, y])
+        w = np.concatenate([np.full(n_reg, regularize_lambda / len(regularize_to)), w])
 
+    notes: list[str] = []
     if fit == "glm":
         theta, c = _fit_glm(x, y, w), None
     elif fit == "alpacaeval":
-        theta, c = _fit_alpacaeval(x, y, w, seed)
+        theta, c, unconverged = _fit_alpacaeval(x, y, w)
+        if unconverged:
+            notes.append(
+                f"liblinear stopped at its {ALPACAEVAL_MAX_ITER}-iteration limit in "
+                f"{unconverged} of its {min(ALPACAEVAL_FOLDS, y.size) * len(ALPACAEVAL_C_GRID) + 1}"
+                " fits (AlpacaEval's limit, kept for parity): θ may be short of the optimum"
+            )
     else:
         raise PrefloopError(f"fit: must be 'glm' or 'alpacaeval', got {fit!r}")
 
-    equal_length_logit = x[:n, 1:] @ theta[1:]  # the model's rows, length column set to 0
+    from scipy.special import expit  # σ with full relative precision in the tails
+
+    equal_length_logit = x[n_reg:, 1:] @ theta[1:]  # the model's rows, length column at 0
+    lc = 100.0 * float(np.mean(expit(equal_length_logit)))
+    raw = 100.0 * float(np.mean(y[n_reg:]))
     return LCWinRate(
-        lc=100.0 * float(np.mean(_sigmoid(equal_length_logit))),
-        win_rate=100.0 * float(np.mean(y[:n])),
+        lc=lc,
+        win_rate=raw,
         theta_length=float(theta[0]),
-        theta_model=float(theta[1]),
-        theta_difficulty=float(theta[2]) if diff is not None else None,
+        theta_model=float(theta[-1]),
+        theta_difficulty=float(theta[1]) if diff is not None else None,
         C=c,
         n=n,
         fit=fit,
         n_regularization=n_reg,
+        warnings=(*lc_warnings(lc, raw, a, b, regularized=n_reg > 0), *notes),
     )
+
+
+def is_extreme_change(win_rate: float, lc: float) -> bool:
+    """AlpacaEval's test that the LC win rate moved suspiciously far from the raw one (percent).
+
+    True when LC < min(wr − wr/4, wr − 10) or LC > max(wr + (100 − wr)/4, wr + 10): LC
+    moved by more than 10 points *and* by more than a quarter of the way to 0 (or to 100).
+    E.g. from wr = 20 it flags LC < 10 or LC > 40, from wr = 50 LC < 37.5 or LC > 62.5.
+    """
+    too_low = lc < min(win_rate - win_rate / 4.0, win_rate - 10.0)
+    too_high = lc > max(win_rate + (100.0 - win_rate) / 4.0, win_rate + 10.0)
+    return bool(too_low or too_high)
+
+
+def _length_warning(len_a: np.ndarray, len_b: np.ndarray) -> str | None:
+    """Why the lengths cannot separate length from model, or None when they can.
+
+    With ``d_i = len_B,i − len_A,i``: all d_i equal and non-zero (the length term is 0 and its
+    effect falls into the model term); the two length ranges disjoint; or d_i of one sign on
+    every prompt. In the last two cases no prompt has the two responses at equal length, and
+    LC extrapolates the fitted tanh curve to d = 0.
+    """
+    d = len_b - len_a
+    n = d.size
+    if np.all(d == d[0]) and d[0] != 0:
+        return (f"every length difference len_B − len_A is {d[0]:g}: the length effect cannot "
+                "be estimated apart from the model's, and LC absorbs it")
+    longer, shorter = ("A", "B") if d[0] < 0 else ("B", "A")
+    ranges = f"A {len_a.min():g}–{len_a.max():g}, B {len_b.min():g}–{len_b.max():g}"
+    if len_a.min() > len_b.max() or len_b.min() > len_a.max():
+        return (f"the lengths do not overlap ({ranges}): every response of {longer} is longer "
+                f"than every response of {shorter}, so length and model cannot be told apart "
+                "and LC extrapolates far beyond the data to equal length")
+    if np.all(d < 0) or np.all(d > 0):
+        return (f"{longer}'s response is the longer one on all {n} prompts ({ranges}): LC "
+                "extrapolates the length effect to equal length, where there are no data")
+    return None
+
+
+def lc_warnings(
+    lc: float, win_rate: float, len_a: ArrayLike, len_b: ArrayLike, regularized: bool = False
+) -> list[str]:
+    """Reasons to distrust a length-controlled win rate, one sentence each (empty: none).
+
+    - the length difference ``len_B − len_A`` cannot separate the length effect from the model
+      term: constant, disjoint length ranges, or one sign on every prompt (see
+      :func:`_length_warning`); with ``regularized`` (verbose/concise baseline rows in the
+      fit) the sentence says that the length slope then comes from those rows;
+    - :func:`is_extreme_change`: LC moved far from the raw ``win_rate`` (AlpacaEval's warning
+      that the GLM may have failed).
+
+    ``lc`` and ``win_rate`` are in percent; lengths one per prompt, in any one unit.
+    """
+    a = _as_1d("len_a", len_a)
+    b = _as_1d("len_b", len_b, a.size)
+    out = []
+    length = _length_warning(a, b)
+    if length is not None:
+        out.append(length + ("; the length slope comes from the verbose/concise baseline rows"
+                             if regularized else
+                             "; the baseline's verbose/concise answers would pin the length "
+                             "slope (regularize_to; prefloop evaluate --verbose-baseline, "
+                             "--concise-baseline)"))
+    if is_extreme_change(win_rate, lc):
+        out.append(f"LC {format_rate(lc)} % is far from the raw win rate {format_rate(win_rate)} "
+                   "% (by more than 10 points and a quarter of the way to 0 or 100, AlpacaEval's "
+                   "check): the length-controlled fit may have failed")
+    return out
+
+
+def format_rate(value: float, decimals: int = 1) -> str:
+    """A rate in percent as text with ``decimals`` decimals, unless that would hide it.
+
+    A value that rounds to 0 or 100 without being exactly 0 or 100 keeps two significant
+    digits of its distance from the end: ``format_rate(1.6e-5)`` is ``"1.6e-05"``,
+    ``format_rate(100 - 3e-7)`` is ``"100 - 3e-07"``, ``format_rate(0.04)`` is ``"0.04"``;
+    ``format_rate(73.94)`` is ``"73.9"``.
+    """
+    half = 0.5 * 10.0 ** -decimals
+    if 0.0 < value < half:
+        return f"{value:.2g}"
+    if 100.0 - half < value < 100.0:
+        return f"100 - {100.0 - value:.2g}"
+    return f"{value:.{decimals}f}"
 
 
 # ------------------------------------------------------------------- lengths and divergence

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from prefloop.cli.common import add_reward_options, print_rows, require_fields, reward_config
 from prefloop.errors import PrefloopError
@@ -99,9 +100,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         thetas += f", θ_d {lc.theta_difficulty:+.3f}"
     rows = [
         ("prompts", wr.n),
-        ("win rate (soft)", f"{wr.soft:.1f} ± {wr.soft_se:.1f}"),
-        ("win rate (hard, ties ½)", f"{wr.hard:.1f} ± {wr.hard_se:.1f}"),
-        ("length-controlled win rate", f"{lc.lc:.1f}"),
+        ("win rate (soft)", f"{ev.format_rate(wr.soft)} ± {wr.soft_se:.1f}"),
+        ("win rate (hard, ties ½)", f"{ev.format_rate(wr.hard)} ± {wr.hard_se:.1f}"),
+        ("length-controlled win rate", ev.format_rate(lc.lc)
+         + (f" ({len(lc.warnings)} warning(s) below)" if lc.warnings else "")),
         (f"LC GLM ({lc.fit})", thetas + (f", C {lc.C:.3g}" if lc.C is not None else "")),
     ]
     if regularize:
@@ -114,7 +116,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         ("mean reward A / B", f"{sum(sa) / len(sa):+.3f} / {sum(sb) / len(sb):+.3f}"),
     ]
     print_rows(f"prefloop evaluate: {args.a} vs {args.b}", rows)
+    _print_lc_warnings(lc.warnings)
     return 0
+
+
+def _print_lc_warnings(warnings: tuple[str, ...]) -> None:
+    """One stderr line per reason to distrust the LC win rate (see evaluate.lc_warnings)."""
+    for text in warnings:
+        print(f"prefloop evaluate: warning: length-controlled win rate: {text}", file=sys.stderr)
 
 
 def _responses(source: str, args: argparse.Namespace, procs) -> list[dict]:
