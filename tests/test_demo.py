@@ -41,11 +41,14 @@ def test_reduced_demo_shows_the_length_story(reduced_demo):
     outcome = Outcome.of(result.metrics)
     _, tokens_plain = outcome.final["idpo"]
     gold_reg, tokens_reg = outcome.final["ilr-dpo"]
-    assert 20 <= outcome.sft_gold <= 80
-    assert tokens_plain > 1.2 * outcome.sft_tokens  # iDPO: longer
-    assert tokens_reg < 1.15 * outcome.sft_tokens  # iLR-DPO: not longer
+    assert 20 <= outcome.sft_gold[0] <= 80
+    sft_tokens = outcome.sft_tokens[0]
+    assert tokens_plain > 1.2 * sft_tokens  # iDPO: longer
+    # iLR-DPO: in the ±10 % band of SFT's length at every iteration (the length controller)
+    for record in result.metrics["ilr-dpo"][1:]:
+        assert abs(record["mean_tokens"] / sft_tokens - 1) <= 0.10, record
     assert tokens_plain > 1.2 * tokens_reg
-    assert gold_reg >= outcome.sft_gold  # and not less correct
+    assert gold_reg >= outcome.sft_gold[0]  # and not less correct
 
 
 def test_reduced_demo_leaves_runs_and_a_report_on_disk(reduced_demo):
@@ -60,6 +63,28 @@ def test_reduced_demo_leaves_runs_and_a_report_on_disk(reduced_demo):
             assert all(key in r for r in records)
     sft = {name: result.metrics[name][0] for name in cfg.runs}
     assert sft["idpo"]["mean_tokens"] == sft["ilr-dpo"]["mean_tokens"]  # same SFT start
+
+
+def test_report_of_loop_made_runs_draws_training_alpha_and_the_length_band(reduced_demo):
+    """The report reads what the loop wrote (train logs beside each policy; α per step;
+    the length target), not a directory built by hand."""
+    from prefloop.report import load_run
+
+    cfg, result = reduced_demo
+    out = Path(cfg.out_dir)
+    run = load_run(out / "ilr-dpo")
+    assert sorted(run.train_logs) == list(range(1, cfg.iterations + 1))
+    assert all("alpha" in row and "length_estimate" in row
+               for rows in run.train_logs.values() for row in rows)
+    sft_tokens = run.metrics[0]["mean_tokens"]
+    for record in run.metrics[1:]:
+        # the target is iteration 1's sampled length of the SFT policy: SFT's own length
+        assert record["length_target_unit"] == "tokens"
+        assert abs(record["length_target"] / sft_tokens - 1) < 0.05
+        assert record["alpha"] > 0 and record["alpha_last"] >= 0
+    assert (out / "plots" / "training.png").is_file() and (out / "plots" / "length.png").is_file()
+    page = result.report.read_text()
+    assert "length target" in page and "α last step" in page
 
 
 def test_testbed_is_cached_and_reruns_resume(reduced_demo):
@@ -172,16 +197,24 @@ def test_testbed_cli_writes_a_directory_of_files(reduced_demo, tmp_path, capsys)
 
 
 def test_outcome_checks_compute_the_story_from_numbers():
+    def rec(t, gold, tokens):
+        return {"iteration": t, "gold_accuracy": gold, "gold_accuracy_se": 0.01,
+                "mean_tokens": tokens, "mean_tokens_se": 0.5}
+
     metrics = {
-        "idpo": [{"gold_accuracy": 0.4, "mean_tokens": 20.0},
-                 {"gold_accuracy": 0.45, "mean_tokens": 40.0}],
-        "ilr-dpo": [{"gold_accuracy": 0.4, "mean_tokens": 20.0},
-                    {"gold_accuracy": 0.55, "mean_tokens": 21.0}],
+        "idpo": [rec(0, 0.4, 20.0), rec(1, 0.42, 30.0), rec(2, 0.45, 40.0)],
+        "ilr-dpo": [rec(0, 0.4, 20.0), rec(1, 0.45, 19.0), rec(2, 0.55, 21.0)],
     }
     checks = Outcome.of(metrics).checks()
     assert [ok for _, ok in checks] == [True, True, True, True]
-    metrics["ilr-dpo"][1]["mean_tokens"] = 30.0
+    # every line shows its interval: 21/20 = 1.05 ± 1.05·√((0.5/21)² + (0.5/20)²) = 0.04
+    assert "1.05±0.04" in checks[1][0] and "55.0±1.0" in checks[2][0]
+    # the band holds at every iteration, not only the last
+    metrics["ilr-dpo"][1]["mean_tokens"] = 23.0
     assert [ok for _, ok in Outcome.of(metrics).checks()] == [True, False, True, True]
+    metrics["ilr-dpo"][1]["mean_tokens"] = 19.0
+    metrics["ilr-dpo"][2]["gold_accuracy"] = 0.47  # +7 over SFT, and 2 above iDPO
+    assert [ok for _, ok in Outcome.of(metrics).checks()] == [True, True, False, True]
 
 
 def test_export_refuses_a_non_empty_directory_before_building(tmp_path, monkeypatch):
@@ -227,12 +260,14 @@ def test_lr_dpo_alpha_of_a_demo_run(tmp_path):
 
     cfg = DemoConfig(runs={"auto": {"name": "lr_dpo"}, "own": {"name": "lr_dpo", "alpha": 0.05},
                            "dpo": {"name": "dpo"}})
-    assert loss_of(cfg, "auto").auto_alpha and "alpha" not in loss_of(cfg, "auto").params
+    auto = loss_of(cfg, "auto")  # by default α is held at SFT's length
+    assert auto.alpha_mode == "target" and "alpha" not in auto.params
     own = loss_of(cfg, "own")  # a run's own α wins over the automatic one
-    assert not own.auto_alpha and own.params["alpha"] == 0.05
-    assert not loss_of(cfg, "dpo").auto_alpha and "alpha" not in loss_of(cfg, "dpo").params
+    assert own.alpha_mode == "fixed" and own.params["alpha"] == 0.05
+    assert loss_of(cfg, "dpo").alpha_mode == "none" and "alpha" not in loss_of(cfg, "dpo").params
     fixed = loss_of(replace(cfg, alpha=0.07), "auto")
-    assert not fixed.auto_alpha and fixed.params["alpha"] == 0.07
+    assert fixed.alpha_mode == "fixed" and fixed.params["alpha"] == 0.07
+    assert loss_of(replace(cfg, alpha_mode="per_step"), "auto").alpha_mode == "per_step"
 
 
 def test_a_demo_run_made_with_other_settings_is_named(tmp_path, monkeypatch):

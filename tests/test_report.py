@@ -70,7 +70,7 @@ def make_run(
                         "rejected_reward": -0.1,
                     }
                 )
-            _write_jsonl(run / f"iter_{t}" / "train_log.jsonl", rows)
+            _write_jsonl(run / f"iter_{t}" / "policy" / "train_log.jsonl", rows)
         row = {
             "iteration": t,
             "mean_reward": float(scores.mean()),

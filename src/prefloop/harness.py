@@ -228,13 +228,16 @@ def accumulate_pairs(
     accelerator, wrapped: nn.Module, stream: Iterator, grad_accum: int, items: Sequence,
     forward: Callable[[list[int]], tuple[Tensor, Tensor]], sums: dict[str, float],
     step: int, partial: Path, output_dir: str | Path, model: str,
+    per_pair: list[Tensor] | None = None,
 ) -> tuple[int, int]:
     """The micro-batches of one optimizer step over pairs; returns (epoch, pairs in the step).
 
-    `forward(idx)` gives the per-pair losses (b,) and per-pair statistics (b, len(sums)) of
-    this process's shard `idx`; the losses' sum is scaled so that DDP's mean over processes
-    and the sum over micro-batches give the mean over every pair of the optimizer step, and
-    the statistics, gathered over processes, are added column by column to `sums`.
+    `forward(idx)` gives the per-pair losses (b,) and per-pair statistics (b, ≥ len(sums))
+    of this process's shard `idx`; the losses' sum is scaled so that DDP's mean over
+    processes and the sum over micro-batches give the mean over every pair of the optimizer
+    step. The statistics are gathered over processes; their first len(sums) columns are
+    added column by column to `sums`, and the whole rows appended to `per_pair` if given
+    (the same on every process).
     """
     n_proc = accelerator.num_processes
     step_pairs = 0
@@ -251,8 +254,10 @@ def accumulate_pairs(
                                       output_dir, model, accelerator.is_main_process)
             accelerator.backward(loss)
         stats = accelerator.gather(stats) if n_proc > 1 else stats
-        for key, v in zip(sums, stats.sum(0).tolist(), strict=True):
+        for key, v in zip(sums, stats[:, : len(sums)].sum(0).tolist(), strict=True):
             sums[key] += v
+        if per_pair is not None:
+            per_pair.append(stats)
         step_pairs += stats.shape[0]
     return epoch, step_pairs
 

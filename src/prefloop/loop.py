@@ -511,17 +511,42 @@ class Loop:
             training=from_dict(TrainingConfig, {**to_dict(cfg.training),
                                                 "seed": cfg.training.seed + t}),
         )
-        result = train_preferences(train_cfg, pairs=pairs, progress=self.progress)
+        goal = self.length_goal(t) if cfg.loss.alpha_mode == "target" else None
+        result = train_preferences(train_cfg, pairs=pairs, progress=self.progress,
+                                   length_goal=goal)
         last = result.log[-1]
         info = {"steps": result.steps, "pairs": len(pairs), "truncation": stats.as_dict(),
                 "final_loss": last["loss"], "final_accuracy": last["accuracy"],
                 "reference_seconds": round(result.reference_seconds, 3)}
-        if cfg.loss.name == "lr_dpo":
-            info["alpha"] = result.loss_params["alpha"]
-        if cfg.loss.auto_alpha:
-            self.echo(f"iter {t}: α = {info['alpha']:.4g} per {cfg.loss.length_unit[:-1]} "
-                      "(loss.auto_alpha: length-neutral first update)")
+        if result.alpha_steps:
+            steps = result.alpha_steps
+            info.update(alpha=steps[0], alpha_last=steps[-1],
+                        alpha_mean=sum(steps) / len(steps), alpha_mode=cfg.loss.alpha_mode)
+            unit = cfg.loss.length_unit[:-1]
+            text = {"fixed": f"α = {steps[0]:.4g} per {unit} (fixed)",
+                    "first_step": f"α = {steps[0]:.4g} per {unit} (length-neutral first step)"}
+            changing = (f"α {steps[0]:.4g} → {steps[-1]:.4g} per {unit} (mean "
+                        f"{info['alpha_mean']:.4g}, {cfg.loss.alpha_mode})")
+            if goal is not None:
+                info.update(start_length=goal.start, target_length=goal.target)
+                changing += (f"; sampled at {goal.start:.1f} {cfg.loss.length_unit}, "
+                             f"target {goal.target:.1f}")
+            self.echo(f"iter {t}: " + text.get(cfg.loss.alpha_mode, changing))
         return info
+
+    def length_goal(self, t: int):
+        """The target mode's start (π_{t−1}'s mean sample length, measured on iteration t's
+        samples) and target (`length_control.target`, else π₀'s, from iteration 1's)."""
+        from prefloop.length_control import LengthGoal
+
+        def mean_length(it: int) -> float:
+            key = "num_chars" if self.cfg.loss.length_unit == "chars" else "num_tokens"
+            rows = [r for r in read_jsonl(self.it_dir(it) / "samples.jsonl")
+                    if r.get("source", "policy") == "policy"]
+            return sum(r[key] for r in rows) / len(rows)
+
+        target = self.cfg.loss.length_control.target or mean_length(1)
+        return LengthGoal(mean_length(t), target)
 
     def evaluate(self, t: int) -> dict:
         cfg = self.cfg
@@ -548,19 +573,18 @@ class Loop:
             baseline = read_jsonl(self.it_dir(0) / "eval_samples.jsonl") if t else rows
             initial_logps = self.initial_logps(rows) if t else None
             record = evaluate_iteration(t, rows, baseline, initial_logps, cfg.eval.lc_fit)
-            alpha = self.trained_alpha(t) if t and cfg.loss.name == "lr_dpo" else None
-            if alpha is not None:
-                record["alpha"] = alpha
+            trained = self.manifest.data["stages"].get(stage_key(t, "train"), {}) if t else {}
+            for key, name in (("alpha", "alpha"), ("alpha_last", "alpha_last"),
+                              ("alpha_mean", "alpha_mean"), ("target_length", "length_target")):
+                if key in trained:
+                    record[name] = trained[key]
+            if "target_length" in trained:
+                record["length_target_unit"] = cfg.loss.length_unit
             io.write_jsonl(self.it_dir(t) / "eval_samples.jsonl", rows)
             io.write_json(self.it_dir(t) / "eval.json", record)
             self.write_metrics()
             self.echo(format_metrics_row(record, header=t == 0))
         return {}
-
-    def trained_alpha(self, t: int) -> float | None:
-        """lr_dpo's α in iteration t's training, as its train stage recorded it (None for a
-        stage trained before prefloop recorded it)."""
-        return self.manifest.data["stages"].get(stage_key(t, "train"), {}).get("alpha")
 
     def initial_logps(self, rows: list[dict]) -> list[float] | None:
         """log π₀(y|x) of the current policy's eval samples, for the KL estimate."""
@@ -605,6 +629,8 @@ def evaluate_iteration(t: int, rows: list[dict], baseline: list[dict],
     scores = np.array([r["score"] for r in rows], dtype=float)
     record: dict = {"iteration": t, "n": len(rows), "mean_reward": float(scores.mean())}
     record.update(length_stats([r["num_tokens"] for r in rows], [r["num_chars"] for r in rows]))
+    record["mean_tokens_se"] = prompt_clustered_se(rows, "num_tokens")
+    record["mean_chars_se"] = prompt_clustered_se(rows, "num_chars")
     record["eos_rate"] = float(np.mean([r["finish_reason"] == "eos" for r in rows]))
     if any("gold" in r for r in rows):
         record["gold_accuracy"] = float(np.mean([r.get("gold", 0.0) for r in rows]))
@@ -713,8 +739,9 @@ def plan(cfg: RunConfig) -> list[tuple[str, str]]:
                       ("replay_data", cfg.replay_data)):
         if path and _looks_local(path) and not Path(path).expanduser().exists():
             raise PrefloopError(f"{key}: {path} does not exist")
+    mode = cfg.loss.alpha_mode
     params = ", ".join([f"{k}={v}" for k, v in cfg.loss.params.items()]
-                       + (["alpha=auto"] if cfg.loss.auto_alpha else []))
+                       + ([f"alpha={mode}"] if mode not in ("none", "fixed") else []))
     per_iter = cfg.prompts.per_iteration or "all"
     k = cfg.sampling.num_samples
     extra = " + 1 from the reference (xpo)" if cfg.pairing.strategy == "xpo" else ""

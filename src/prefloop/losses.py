@@ -234,7 +234,7 @@ def lr_dpo_loss(logps: PreferenceLogps, *, beta: float = 0.1, alpha: float = 0.0
     return _beta_rewards(_nll_sigmoid(beta * h + alpha * length_gap), beta, d_w, d_l)
 
 
-def length_neutral_alpha(length_gaps: Tensor) -> float:
+def length_neutral_alpha(length_gaps: Tensor, margins: Tensor | None = None) -> float:
     """The α of LR-DPO at which its first update on these pairs is length-neutral.
 
     prefloop's own rule (not from the iLR-DPO paper, which tunes α by hand). At the start of
@@ -251,24 +251,32 @@ def length_neutral_alpha(length_gaps: Tensor) -> float:
     favour longer winners (``Σ d_i ≤ 0``) the answer is 0 (α ≥ 0). It is the loss-side
     analogue of DICE's pair-side rule (mean chosen−rejected gap closest to 0).
 
+    With ``margins`` m_i = β·h_i of a policy already trained away from its reference, the
+    same root of ``Σ_i σ(−m_i − α·d_i)·d_i = 0`` makes the *current* update length-neutral
+    (the per-step rule of ``loss.length_control.mode=per_step``).
+
     Args:
         length_gaps: (num_pairs,) ``|y_w| − |y_l|`` in the loss's length unit.
+        margins: (num_pairs,) β·h of each pair; None = 0 (the first step).
 
     Raises:
         ValueError: when the gaps are longer-winner only (no pair has a shorter winner), so
             no α balances them, or when a gap is not finite.
     """
     d = length_gaps.detach().to("cpu", torch.float64).flatten()
-    if not bool(torch.isfinite(d).all()):
-        raise ValueError("length gaps must be finite numbers")
-    if d.numel() == 0 or float(d.sum()) <= 0:
+    m = torch.zeros_like(d) if margins is None else \
+        margins.detach().to("cpu", torch.float64).flatten()
+    if not bool(torch.isfinite(d).all() and torch.isfinite(m).all()):
+        raise ValueError("length gaps and margins must be finite numbers")
+
+    def weighted_gap(alpha: float) -> float:
+        return float((torch.sigmoid(-m - alpha * d) * d).sum())
+
+    if d.numel() == 0 or weighted_gap(0.0) <= 0:
         return 0.0
     if not bool((d < 0).any()):
         raise ValueError("every pair's chosen response is at least as long as its rejected "
-                         "one: no α makes the first update length-neutral")
-
-    def weighted_gap(alpha: float) -> float:
-        return float((torch.sigmoid(-alpha * d) * d).sum())
+                         "one: no α makes the update length-neutral")
 
     lo, hi = 0.0, 1.0 / float(d.abs().max())
     while weighted_gap(hi) > 0:  # f(∞) < 0, so this ends

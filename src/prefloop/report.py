@@ -20,12 +20,15 @@ The run directory layout it reads (written by the loop)::
     RUN/metrics.jsonl                required; one row per evaluated iteration (0 = initial)
         {"iteration", "mean_reward", "mean_tokens", "median_tokens", "mean_chars",
          "median_chars", "win_rate", "win_rate_se", "lc_win_rate", "kl", "gold_accuracy"?,
-         "alpha"? (lr_dpo's α of the iteration's training)}
+         "alpha"?, "alpha_last"?, "alpha_mean"? (lr_dpo's α at the first and last step of
+         the iteration's training, and its mean), "length_target"? (the length lr_dpo's
+         α held, in "length_target_unit": tokens | chars)}
         (win rates in percent against the initial policy; any field but iteration may be
         null or absent)
     RUN/iter_<t>/eval_samples.jsonl  optional; {"prompt_id", "response", "score",
                                      "num_tokens", "num_chars"} per evaluated response
-    RUN/iter_<t>/train_log.jsonl     optional; per-step {"step", "loss", "accuracy", ...}
+    RUN/iter_<t>/policy/train_log.jsonl  optional; per-step {"step", "loss", "accuracy",
+                                     "alpha"?, ...} (the loop writes it beside the policy)
 
 Optional files and fields that are missing are skipped (their plot or column is left out).
 A run directory without ``metrics.jsonl``, or a file that is not valid JSONL, raises
@@ -62,7 +65,12 @@ METRIC_FIELDS = (
     "kl",
     "gold_accuracy",
     "alpha",
+    "alpha_last",
+    "alpha_mean",
+    "length_target",
 )
+# The band the length plots draw around a run's length target: ±10 %.
+TARGET_BAND = 0.10
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 # At most this many responses per iteration go into the reward-vs-length scatter.
 _MAX_SCATTER_POINTS = 3000
@@ -152,9 +160,10 @@ def load_run(run_dir: Path | str) -> RunData:
             rows = _read_jsonl(sub / "eval_samples.jsonl")
             _check_numbers(sub / "eval_samples.jsonl", rows, ("score", "num_tokens", "num_chars"))
             samples[t] = rows
-        if (sub / "train_log.jsonl").is_file():
-            rows = _read_jsonl(sub / "train_log.jsonl")
-            _check_numbers(sub / "train_log.jsonl", rows, ("step", "loss", "accuracy"))
+        log = sub / "policy" / "train_log.jsonl"
+        if log.is_file():
+            rows = _read_jsonl(log)
+            _check_numbers(log, rows, ("step", "loss", "accuracy", "alpha"))
             train_logs[t] = rows
     return RunData(
         name=_run_name(run_dir),
@@ -207,6 +216,19 @@ def _plot_reward(runs: Sequence[RunData]):
     return fig
 
 
+def _target_band(ax: Any, run: RunData, unit: str, colour: Any) -> None:
+    """Shade the run's length target ±10 % where it held α to one in this unit."""
+    xs, ys = run.series("length_target")
+    units = {r.get("length_target_unit") for r in run.metrics if r.get("length_target")}
+    if not xs or units != {unit}:
+        return
+    lo = [y * (1 - TARGET_BAND) for y in ys]
+    hi = [y * (1 + TARGET_BAND) for y in ys]
+    ax.fill_between(xs, lo, hi, color=colour, alpha=0.12, lw=0,
+                    label=f"{run.name} target ±{TARGET_BAND:.0%}")
+    ax.plot(xs, ys, ":", color=colour, lw=1)
+
+
 def _plot_length(runs: Sequence[RunData]):
     units = [u for u in ("tokens", "chars") if any(r.has(f"mean_{u}") for r in runs)]
     if not units:
@@ -216,6 +238,7 @@ def _plot_length(runs: Sequence[RunData]):
         for i, run in enumerate(runs):
             xs, ys = run.series(f"mean_{unit}")
             ax.plot(xs, ys, "o-", color=_colour(i), label=f"{run.name} mean")
+            _target_band(ax, run, unit, _colour(i))
             xs, ys = run.series(f"median_{unit}")
             if xs:
                 ax.plot(xs, ys, "s--", color=_colour(i), alpha=0.6, label=f"{run.name} median")
@@ -337,7 +360,7 @@ def _concatenated_steps(run: RunData) -> tuple[list[float], dict[str, list[float
     Returns (x, {field: values}, boundaries) with NaN where a row lacks a field.
     """
     xs: list[float] = []
-    values: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    values: dict[str, list[float]] = {"loss": [], "accuracy": [], "alpha": []}
     boundaries: list[float] = []
     offset = 0.0
     for rows in run.train_logs.values():
@@ -363,21 +386,30 @@ def _plot_training(runs: Sequence[RunData]):
     with_logs = [(i, r) for i, r in enumerate(runs) if any(r.train_logs.values())]
     if not with_logs:
         return None
-    fig, axes = _new_figure(10, 6, 2, 1, sharex=True)
+    keys = ["loss", "accuracy"]
+    if any(row.get("alpha") is not None for _, r in with_logs for rows in r.train_logs.values()
+           for row in rows):
+        keys.append("alpha")  # lr_dpo's α, step by step
+    fig, axes = _new_figure(10, 3 * len(keys), len(keys), 1, sharex=True)
     for i, run in with_logs:
         xs, values, boundaries = _concatenated_steps(run)
-        for ax, key in zip(axes[:, 0], ("loss", "accuracy"), strict=True):
+        for ax, key in zip(axes[:, 0], keys, strict=True):
             ys = values[key]
             if all(math.isnan(v) for v in ys):
                 continue
-            ax.plot(xs, ys, color=_colour(i), alpha=0.2, lw=0.8)
-            ax.plot(xs, _smooth(ys), color=_colour(i), lw=1.8, label=run.name)
+            if key == "alpha":  # α is set, not measured: drawn as it is, unsmoothed
+                ax.plot(xs, ys, color=_colour(i), lw=1.5, label=run.name)
+            else:
+                ax.plot(xs, ys, color=_colour(i), alpha=0.2, lw=0.8)
+                ax.plot(xs, _smooth(ys), color=_colour(i), lw=1.8, label=run.name)
             for b in boundaries:
                 ax.axvline(b, color=_colour(i), ls=":", lw=1)
     axes[0, 0].set_ylabel("training loss")
     axes[0, 0].set_title("Training, iterations concatenated (dotted lines: iteration boundaries)")
     axes[1, 0].set_ylabel("preference accuracy\n(r(y_w) > r(y_l))")
-    axes[1, 0].set_xlabel("optimizer step (all iterations)")
+    if "alpha" in keys:
+        axes[2, 0].set_ylabel("α of lr_dpo\n(per unit of length)")
+    axes[-1, 0].set_xlabel("optimizer step (all iterations)")
     for ax in axes[:, 0]:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -414,6 +446,8 @@ def _plot_gold_and_length(runs: Sequence[RunData]):
             xs, ys = _gold_percent(run) if key == "gold" else run.series(f"mean_{key}")
             if xs:
                 ax.plot(xs, ys, "o-", lw=2, color=_colour(i), label=run.name)
+            if key != "gold":
+                _target_band(ax, run, key, _colour(i))
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         _iteration_axis(ax)
@@ -491,7 +525,8 @@ _PLOTS: tuple[tuple[str, str, Callable[[Sequence[RunData]], Any]], ...] = (
     (
         "length",
         "Mean (solid) and median (dashed) response length per iteration, in tokens and "
-        "characters. A length-regularised run should stay flat here.",
+        "characters. A length-regularised run should stay flat here; a shaded band is the "
+        "length target lr_dpo's α was held to (loss.length_control), ±10 %.",
         _plot_length,
     ),
     (
@@ -515,7 +550,8 @@ _PLOTS: tuple[tuple[str, str, Callable[[Sequence[RunData]], Any]], ...] = (
     ),
     (
         "training",
-        "Per-step training loss and preference accuracy (faint: raw, solid: running mean).",
+        "Per-step training loss and preference accuracy (faint: raw, solid: running mean), "
+        "and lr_dpo's α at every step where the run has one.",
         _plot_training,
     ),
 )
@@ -577,7 +613,9 @@ _COLUMNS = (
     ("lc_win_rate", "LC win rate %", "{:.1f}"),
     ("kl", "KL (nats)", "{:.3g}"),
     ("gold_accuracy", "gold accuracy", "{:.3f}"),
-    ("alpha", "α (lr_dpo)", "{:.4g}"),
+    ("length_target", "length target", "{:.1f}"),
+    ("alpha", "α first step (lr_dpo)", "{:.4g}"),
+    ("alpha_last", "α last step", "{:.4g}"),
 )
 
 

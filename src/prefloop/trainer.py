@@ -23,6 +23,7 @@ from prefloop import faults, harness
 from prefloop.config import TrainConfig, config_hash
 from prefloop.data import TokenizedPair, load_rows, pairs_from_rows
 from prefloop.errors import PrefloopError
+from prefloop.length_control import AlphaController, LengthGoal
 from prefloop.logprobs import (
     ResponseBatch,
     ResponseLogProbs,
@@ -31,7 +32,7 @@ from prefloop.logprobs import (
     sum_by_sequence,
     token_logps_from_logits,
 )
-from prefloop.losses import LOSSES, PreferenceLogps, compute_loss, length_neutral_alpha
+from prefloop.losses import LOSSES, PreferenceLogps, compute_loss
 from prefloop.models import (
     apply_lora,
     count_parameters,
@@ -51,7 +52,8 @@ class TrainResult:
     truncation: dict = field(default_factory=dict)
     is_main_process: bool = True
     reference_seconds: float = 0.0  # the cached no-grad reference/teacher passes
-    loss_params: dict = field(default_factory=dict)  # as trained, `loss.auto_alpha`'s α included
+    loss_params: dict = field(default_factory=dict)  # as trained; α: its first step's
+    alpha_steps: list[float] = field(default_factory=list)  # lr_dpo's α at every step
 
     @property
     def total_seconds(self) -> float:
@@ -114,18 +116,31 @@ def reference_logps(
 # ---------------------------------------------------------------- one micro-batch
 
 
-def loss_parameters(cfg: TrainConfig, pairs: list[TokenizedPair]) -> dict[str, float]:
-    """The loss's keyword parameters as trained: its defaults, the config's values over
-    them, and `loss.auto_alpha`'s α set from the pairs' length gaps
-    (`losses.length_neutral_alpha`)."""
+def loss_parameters(cfg: TrainConfig, pairs: list[TokenizedPair],
+                    goal: LengthGoal | None = None) -> tuple[dict[str, float],
+                                                             AlphaController | None]:
+    """The loss's keyword parameters at the first step (its defaults, the config's values
+    over them) and, for lr_dpo, the controller of α (`prefloop.length_control`) whose
+    first α they hold. `goal` is the loop's measured start length and target; without it
+    the target mode holds the pairs' mean response length (or `length_control.target`)."""
     params = {**LOSSES[cfg.loss.name].defaults, **cfg.loss.params}
-    if cfg.loss.auto_alpha:
-        chosen, rejected = _lengths(pairs, cfg.loss.length_unit)
-        try:
-            params["alpha"] = length_neutral_alpha(chosen - rejected)
-        except ValueError as e:
-            raise PrefloopError(f"loss.auto_alpha: {e}; set loss.alpha instead") from None
-    return params
+    mode = cfg.loss.alpha_mode
+    if mode == "none":
+        return params, None
+    chosen, rejected = _lengths(pairs, cfg.loss.length_unit)
+    lc = cfg.loss.length_control
+    if mode == "target" and goal is None:
+        start = float((chosen + rejected).mean() / 2) if pairs else 0.0
+        goal = LengthGoal(start, lc.target or start)
+    try:
+        controller = AlphaController.start(mode, chosen - rejected, params["alpha"], goal,
+                                           lc.rate)
+    except ValueError as e:
+        key = "loss.auto_alpha" if cfg.loss.auto_alpha else f"loss.length_control.mode={mode}"
+        raise PrefloopError(f"{key}: {e}; set loss.alpha instead (with "
+                            "loss.length_control.mode=fixed)") from None
+    params["alpha"] = controller.alpha
+    return params, controller
 
 
 def _lengths(pairs: list[TokenizedPair], unit: str) -> tuple[Tensor, Tensor]:
@@ -198,8 +213,11 @@ def train_preferences(
     cfg: TrainConfig,
     pairs: list[TokenizedPair] | None = None,
     progress: bool = True,
+    length_goal: LengthGoal | None = None,
 ) -> TrainResult:
-    """Train `cfg.model` on preference pairs; returns where the model was written and the log."""
+    """Train `cfg.model` on preference pairs; returns where the model was written and the log.
+    `length_goal`: the loop's measured length of the sampling policy and its target, for
+    lr_dpo's α under `loss.length_control.mode=target`."""
     from accelerate.utils import set_seed
 
     cfg.validate()
@@ -216,7 +234,8 @@ def train_preferences(
     if pairs is None:  # before the model: bad data fails without loading any weights
         pairs, stats = load_training_pairs(cfg, tokenizer)
         truncation = stats.as_dict()
-    loss_params = loss_parameters(cfg, pairs)
+    loss_params, alpha = loss_parameters(cfg, pairs, length_goal)
+    first_params = dict(loss_params)
     policy = load_causal_lm(cfg.model, cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     device = accelerator.device
@@ -270,22 +289,27 @@ def train_preferences(
         batch = collate_pairs([pairs[i] for i in idx], pad_id, t_cfg.layout).to(device)
         logps = batch_logps(wrapped, batch, pairs, idx, spec, cfg.loss.length_unit, cache,
                             reference)
+        h = []
+        if alpha is not None:  # h of each pair, for the α of the next step (all processes)
+            h = [((logps.policy_chosen - logps.ref_chosen)
+                  - (logps.policy_rejected - logps.ref_rejected)).detach().float()]
         out = compute_loss(cfg.loss.name, logps, **loss_params)
         return out.losses, torch.stack([
             out.losses.detach().float(), out.chosen_rewards.float(),
             out.rejected_rewards.float(),
             (out.chosen_rewards > out.rejected_rewards).float(),
             logps.policy_chosen.detach().float(), logps.policy_rejected.detach().float(),
-            logps.chosen_lengths.float(), logps.rejected_lengths.float(),
-        ], dim=1)  # (b, 8)
+            logps.chosen_lengths.float(), logps.rejected_lengths.float(), *h,
+        ], dim=1)  # (b, 8), and h as a 9th column for lr_dpo's α
 
     for step in range(1, total_steps + 1):
         sums = {k: 0.0 for k in ("loss", "chosen_reward", "rejected_reward", "accuracy",
                                  "chosen_logps", "rejected_logps", "chosen_length",
                                  "rejected_length")}
+        per_pair: list[Tensor] = []
         epoch, step_pairs = harness.accumulate_pairs(
             accelerator, wrapped, stream, t_cfg.grad_accum, pairs, forward, sums, step, partial,
-            output_dir, cfg.model)
+            output_dir, cfg.model, per_pair)
         grad_norm = accelerator.clip_grad_norm_(params, t_cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -294,6 +318,11 @@ def train_preferences(
         faults.point()
         record = {k: v / step_pairs for k, v in sums.items()}
         record["margin"] = record["chosen_reward"] - record["rejected_reward"]
+        if alpha is not None:  # α of the next step, from this step's pairs (every process)
+            rows = torch.cat(per_pair).double()  # (step pairs, 9)
+            record.update(alpha.after_step(rows[:, 8], rows[:, 6], rows[:, 7],
+                                           loss_params["beta"]))
+            loss_params["alpha"] = alpha.alpha
         record.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
                       grad_norm=float(grad_norm), pairs=pairs_seen,
                       seconds=time.perf_counter() - start)
@@ -317,15 +346,22 @@ def train_preferences(
             "pairs_per_second": pairs_seen / seconds, "num_pairs": len(pairs),
             "reference_seconds": reference_seconds,
             "processes": accelerator.num_processes, "loss": cfg.loss.name,
-            "loss_params": loss_params,
+            "loss_params": first_params,
             "truncation": truncation, "trainable_parameters": params_trainable,
             "total_parameters": params_total, "config_hash": config_hash(cfg),
         }
+        if alpha is not None:
+            summary["length_control"] = {
+                "mode": alpha.mode, "alpha_first": alpha.history[0], "alpha_last":
+                alpha.history[-1], "alpha_mean": sum(alpha.history) / len(alpha.history),
+                **({"start_length": alpha.goal.start, "target_length": alpha.goal.target}
+                   if alpha.goal else {}),
+            }
         harness.write_summary(partial, summary, cfg)
         harness.finish_output(partial, output_dir)
     accelerator.wait_for_everyone()
     if cfg.report_to:
         accelerator.end_training()
     return TrainResult(output_dir, total_steps, pairs_seen, seconds, log.records, truncation, main,
-                       reference_seconds, loss_params)
+                       reference_seconds, first_params, alpha.history if alpha else [])
 

@@ -26,7 +26,8 @@ def _cmd_losses(args: argparse.Namespace) -> int:
     print_table("registered losses", [
         (name, f"{', '.join(f'{k}={v}' for k, v in spec.defaults.items())}   [{spec.paper}]"
                + ("   (no reference)" if spec.reference_free else "")
-               + ("   (alpha from the pairs: loss.auto_alpha=true)" if name == "lr_dpo" else ""))
+               + ("   (α held at a length target unless loss.alpha is set: "
+                  "loss.length_control)" if name == "lr_dpo" else ""))
         for name, spec in sorted(LOSSES.items())
     ])
     return 0

@@ -46,7 +46,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print_table("prefloop train", [
         ("model", cfg.model),
         ("loss", f"{cfg.loss.name}({params})"
-         + (" — alpha from loss.auto_alpha" if cfg.loss.auto_alpha else "")),
+         + (f" — α {result.alpha_steps[0]:.4g} → {result.alpha_steps[-1]:.4g} "
+            f"(loss.length_control.mode={cfg.loss.alpha_mode})"
+            if result.alpha_steps and cfg.loss.alpha_mode != "fixed" else "")),
         ("steps", result.steps),
         ("pairs seen", result.pairs_seen),
         ("pairs/s", result.pairs_per_second),
