@@ -24,7 +24,7 @@ demo: setup
 	$(VENV)/bin/prefloop demo
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks examples scripts
 
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider

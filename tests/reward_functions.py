@@ -19,3 +19,8 @@ def not_a_number(prompts: list, responses: list[str]) -> list[float]:
 def length_and_letters(prompts: list, responses: list[str]) -> list[float]:
     """Longer is better, letters break ties: different responses never tie."""
     return [len(r) + (sum(map(ord, r)) % 101) / 1000 for r in responses]
+
+
+def out_of_range(prompts: list, responses: list[str]) -> list[float]:
+    """Not a gold value: gold is a correctness in [0, 1]."""
+    return [2.5 for _ in responses]

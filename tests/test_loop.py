@@ -119,9 +119,27 @@ def test_two_iterations_with_a_reward_model_leave_the_documented_artifacts(world
             assert m[key] is not None
     assert metrics[0]["win_rate"] == pytest.approx(50.0)
     assert metrics[1]["kl"] is not None
-    # lr_dpo with its default α: recorded by each train stage and shown with the metrics
-    assert [manifest["stages"][f"iter_{t}/train"]["alpha"] for t in (1, 2)] == [0.01, 0.01]
-    assert [m.get("alpha") for m in metrics] == [None, 0.01, 0.01]
+    # lr_dpo's default: α held at π₀'s length, measured on iteration 1's samples; each
+    # train stage records target, the length it started from (π_{t−1}'s samples) and α,
+    # step by step in the train log, and the metrics carry them next to the evaluation
+    def mean_tokens(t: int) -> float:
+        rows = read_jsonl(run_dir / f"iter_{t}" / "samples.jsonl")
+        return sum(r["num_tokens"] for r in rows) / len(rows)
+
+    for t in (1, 2):
+        train = manifest["stages"][f"iter_{t}/train"]
+        assert train["alpha_mode"] == "target"
+        assert train["target_length"] == pytest.approx(mean_tokens(1))
+        assert train["start_length"] == pytest.approx(mean_tokens(t))
+        log = read_jsonl(run_dir / f"iter_{t}" / "policy" / "train_log.jsonl")
+        assert log[0]["alpha"] == train["alpha"]
+        assert log[-1]["alpha"] == train["alpha_last"]
+        assert train["alpha_mean"] == pytest.approx(sum(r["alpha"] for r in log) / len(log))
+        assert all(r["length_target"] == train["target_length"] for r in log)
+        assert metrics[t]["alpha"] == train["alpha"]
+        assert metrics[t]["length_target"] == train["target_length"]
+        assert metrics[t]["length_target_unit"] == "tokens"
+    assert "alpha" not in metrics[0] and "length_target" not in metrics[0]
 
 
 def test_function_reward_counts_ties_and_rerun_is_a_no_op(world, tmp_path):
@@ -174,7 +192,7 @@ def test_auto_alpha_is_set_from_each_iterations_pairs_and_recorded(world, tmp_pa
     from prefloop.report import write_report
 
     page = write_report([run_dir], tmp_path / "report.html").read_text()
-    assert "α (lr_dpo)" in page
+    assert "α first step (lr_dpo)" in page
 
 
 def test_gold_accuracy_standard_error_treats_prompts_as_the_unit():
@@ -291,3 +309,30 @@ def test_recipes_dry_run_validates_without_downloading(tmp_path):
          "--dry-run", "loss.gamma=1"], capture_output=True, text=True, cwd=ROOT,
     )
     assert bad.returncode == 2 and "not a parameter of loss 'lr_dpo'" in bad.stderr
+
+
+@pytest.mark.parametrize("gold,message", [
+    ("tests.reward_functions:no_such_function", "eval.gold: 'tests.reward_functions' has no "
+                                                "function 'no_such_function'"),
+    ("no_such_module:gold", "eval.gold: cannot import module 'no_such_module'"),
+])
+def test_a_wrong_gold_function_fails_before_anything_is_written(world, tmp_path, gold, message):
+    """It used to be reported as `reward.function`, after the initial policy was sampled,
+    and `--dry-run` did not notice it."""
+    from prefloop.errors import PrefloopError
+    from prefloop.loop import plan
+
+    cfg = _config(world, tmp_path / "run", f"eval.gold={gold}")
+    with pytest.raises(PrefloopError, match=message):
+        plan(cfg)
+    with pytest.raises(PrefloopError, match=message):
+        run(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_gold_values_outside_zero_one_are_refused(world, tmp_path):
+    from prefloop.errors import PrefloopError
+
+    cfg = _config(world, tmp_path / "run", "eval.gold=tests.reward_functions:out_of_range")
+    with pytest.raises(PrefloopError, match=r"value of response 0 is 2\.5 \(must be in \[0, 1\]"):
+        run(cfg, progress=False)

@@ -356,6 +356,7 @@ class Loop:
 
     def run(self, resume: bool = False, redo_from: str | None = None) -> RunResult:
         cfg = self.cfg
+        check_functions(cfg)  # a typo in a function name fails before anything is written
         self.manifest = self.open_manifest(resume, redo_from)
         if self.manifest.finished and not redo_from:
             self.echo(f"{self.dir}: run already complete; nothing to do")
@@ -562,12 +563,12 @@ class Loop:
         for row, score in zip(rows, scores, strict=True):
             row["score"] = score
         if cfg.eval.gold:
-            from prefloop.rewards import import_function
+            from prefloop.rewards import gold_values
 
-            gold = import_function(cfg.eval.gold)([r["prompt"] for r in rows],
-                                                  [r["response"] for r in rows])
+            gold = gold_values(cfg.eval.gold, [r["prompt"] for r in rows],
+                               [r["response"] for r in rows])
             for row, g in zip(rows, gold, strict=True):
-                row["gold"] = float(g)
+                row["gold"] = g
         record = {"iteration": t}
         if self.procs.is_main:
             baseline = read_jsonl(self.it_dir(0) / "eval_samples.jsonl") if t else rows
@@ -725,9 +726,21 @@ def _describe_pairing(cfg: RunConfig) -> str:
     return text
 
 
+def check_functions(cfg: RunConfig) -> None:
+    """Import the run's Python functions (rewards, gold) so that a wrong name fails now."""
+    from prefloop.rewards import import_function
+
+    for key, reward in (("reward", cfg.reward), ("eval.reward", cfg.eval.reward)):
+        if reward is not None and reward.type == "function":
+            import_function(reward.function, f"{key}.function")
+    if cfg.eval.gold:
+        import_function(cfg.eval.gold, "eval.gold")
+
+
 def plan(cfg: RunConfig) -> list[tuple[str, str]]:
-    """What `prefloop run` would do, checked without loading or downloading anything."""
+    """What `prefloop run` would do, checked without loading or downloading any model."""
     cfg.validate()
+    check_functions(cfg)
     eval_reward = cfg.eval.reward or cfg.reward
     for key, path in (("policy", cfg.policy), ("prompts.path", cfg.prompts.path),
                       ("reward.model", cfg.reward.model if cfg.reward.type == "model" else ""),

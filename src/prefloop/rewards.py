@@ -125,19 +125,30 @@ class RewardModelScorer:
         return check_scores(scores, len(encoded), "reward model")
 
 
-def import_function(spec: str) -> Callable:
-    """`package.module:function` → the function; only ever called with a config value."""
+def import_function(spec: str, key: str = "reward.function") -> Callable:
+    """`package.module:function` → the function; only ever called with a config value
+    (`key` names it in errors)."""
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise PrefloopError(
-            f"reward.function: cannot import module {module_name!r} ({e})"
-        ) from None
+        raise PrefloopError(f"{key}: cannot import module {module_name!r} ({e})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise PrefloopError(f"reward.function: {module_name!r} has no function {attr!r}")
+        raise PrefloopError(f"{key}: {module_name!r} has no function {attr!r}")
     return fn
+
+
+def gold_values(spec: str, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]:
+    """`eval.gold`'s correctness of each response, checked: one finite value in [0, 1] each."""
+    values = check_scores(list(import_function(spec, "eval.gold")(list(prompts),
+                                                                  list(responses))),
+                          len(responses), f"eval.gold {spec}")
+    for i, v in enumerate(values):
+        if not 0.0 <= v <= 1.0:
+            raise PrefloopError(f"eval.gold {spec}: value of response {i} is {v} (must be in "
+                                "[0, 1]: 1 = correct)")
+    return values
 
 
 class FunctionScorer:
