@@ -45,6 +45,29 @@ def summary_rows(results, seeds) -> list[str]:
     return lines
 
 
+def run_rows(results, seeds) -> list[str]:
+    """One row per (run, seed): length over SFT's at every iteration, gold at the last, the
+    mean α of each iteration: for comparing runs of one demo (`runs=...`)."""
+    from prefloop.demo import LENGTH_BAND, Outcome
+
+    lines = ["| run | seed | × SFT length t=1, 2, 3 | in ±10 % at every t | gold % t=3 (SFT) | "
+             "α mean per iteration |", "|---|---|---|---|---|---|"]
+    names = list(results[0].metrics)
+    for name in names:
+        for seed, result in zip(seeds, results, strict=True):
+            out = Outcome.of(result.metrics)
+            recs = out.runs[name]
+            ratios = [out.ratio(r)[0] for r in recs]
+            gold, se = 100 * recs[-1]["gold_accuracy"], 100 * recs[-1]["gold_accuracy_se"]
+            alphas = ", ".join(f"{r['alpha_mean']:.3f}" if "alpha_mean" in r else
+                               (f"{r['alpha']:.3f}" if "alpha" in r else "–") for r in recs)
+            band = all(abs(r - 1) <= LENGTH_BAND for r in ratios)
+            lines.append(f"| {name} | {seed} | {', '.join(f'{r:.2f}' for r in ratios)} | "
+                         f"{'✓' if band else '✗'} | {gold:.1f} ± {se:.1f} "
+                         f"({out.sft_gold[0]:.1f}) | {alphas} |")
+    return lines
+
+
 def iteration_rows(result) -> list[str]:
     from prefloop.demo import COLUMNS, comparison_rows
 
@@ -64,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/readme", help="one directory per seed inside")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument("--by-run", action="store_true",
+                        help="one row per run and seed (for demos with several lr_dpo runs)")
     parser.add_argument("overrides", nargs="*", help="DemoConfig key=value")
     args = parser.parse_args(argv)
     cfg = load_config(DemoConfig, None, args.overrides)
@@ -72,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run_seeds(cfg, args.seeds, progress=args.progress, echo=lambda *a, **k: None)
     print(f"<!-- python scripts/demo_tables.py --seeds {' '.join(map(str, args.seeds))} "
           f"--out {args.out} {' '.join(args.overrides)}; {time.perf_counter() - start:.0f} s -->")
+    if args.by_run:
+        print("\n".join(run_rows(results, args.seeds)))
+        return 0
     print("\n".join(summary_rows(results, args.seeds)))
     for seed, result in zip(args.seeds, results, strict=True):
         print(f"\nseed {seed}:\n")

@@ -33,18 +33,22 @@ def test_neutral_alpha_with_margins_solves_the_current_step():
 
 
 GAPS = torch.tensor([6.0, -2.0, 4.0, -3.0])
+REJECTED = torch.full((4,), 10.0)  # so the chosen answers are 16, 8, 14, 7 long
 
 
-def _step(ctl: AlphaController, h: list[float], gaps: torch.Tensor = GAPS,
+def _start(mode: str, goal: LengthGoal | None = None) -> AlphaController:
+    return AlphaController.start(mode, REJECTED + GAPS, REJECTED, 0.05, goal)
+
+
+def _step(ctl: AlphaController, h: list[float], index: list[int] | None = None,
           beta: float = 0.1) -> dict:
-    """One optimizer step's update from pairs whose rejected answers are 10 long."""
-    rejected = torch.full_like(gaps, 10.0)
-    return ctl.after_step(torch.tensor(h, dtype=torch.float64), rejected + gaps, rejected, beta)
+    """One optimizer step's update from the pairs at `index` (default: all four)."""
+    index = list(range(len(h))) if index is None else index
+    return ctl.after_step(torch.tensor(index), torch.tensor(h, dtype=torch.float64), beta)
 
 
 def test_fixed_and_first_step_alpha_do_not_move():
-    fixed = AlphaController.start("fixed", GAPS, 0.05)
-    first = AlphaController.start("first_step", GAPS, 0.05)
+    fixed, first = _start("fixed"), _start("first_step")
     for ctl in (fixed, first):
         a0 = ctl.alpha
         assert _step(ctl, [30.0, -30.0, 30.0, -30.0]) == {"alpha": a0}
@@ -52,41 +56,38 @@ def test_fixed_and_first_step_alpha_do_not_move():
     assert fixed.alpha == 0.05 and first.alpha == pytest.approx(length_neutral_alpha(GAPS))
 
 
-def test_per_step_alpha_is_the_root_at_the_last_steps_margins():
-    ctl = AlphaController.start("per_step", GAPS, 0.05)
+def test_per_step_alpha_is_the_root_over_all_pairs_at_their_latest_margins():
+    ctl = _start("per_step")
     assert ctl.alpha == pytest.approx(length_neutral_alpha(GAPS))  # h = 0 at the first step
-    h = [5.0, -2.0, 3.0, 1.0]
-    _step(ctl, h, beta=0.1)
-    assert ctl.alpha == pytest.approx(length_neutral_alpha(GAPS, 0.1 * torch.tensor(h)))
-    # a step without a shorter winner keeps the last α
-    kept = ctl.alpha
-    _step(ctl, [0.0, 0.0], torch.tensor([3.0, 1.0]))
-    assert ctl.alpha == kept and ctl.history == [pytest.approx(length_neutral_alpha(GAPS)), kept]
+    _step(ctl, [5.0, -2.0], index=[0, 1])  # pairs 2 and 3 not trained on yet: h = 0
+    assert ctl.alpha == pytest.approx(length_neutral_alpha(GAPS, 0.1 * torch.tensor(
+        [5.0, -2.0, 0.0, 0.0])))
+    _step(ctl, [3.0, 1.0], index=[2, 3])  # pairs 0 and 1 keep the h they had
+    assert ctl.alpha == pytest.approx(length_neutral_alpha(GAPS, 0.1 * torch.tensor(
+        [5.0, -2.0, 3.0, 1.0])))
+    assert len(ctl.history) == 2
 
 
 def test_target_mode_raises_alpha_when_the_estimate_grows_and_lowers_it_when_it_falls():
-    goal = LengthGoal(start=20.0, target=20.0)
-    ctl = AlphaController.start("target", GAPS, 0.05, goal, rate=1.0)
+    ctl = _start("target", LengthGoal(start=20.0, target=20.0))
     root = length_neutral_alpha(GAPS)
     assert ctl.alpha == pytest.approx(root)  # on target: c = 1
     # h = 0: the estimate is the start, on target: α stays the root
     record = _step(ctl, [0.0] * 4)
     assert record["length_estimate"] == pytest.approx(20.0) and record["length_target"] == 20
     assert ctl.alpha == pytest.approx(root) and ctl.correction == 0
-    # the longer winners (pairs 1, 3) strongly preferred, the shorter ones (2, 4) not:
-    # ℓ̂ = 10 + d·σ(h) → (16, 10, 14, 10) = 50 against (13, 9, 12, 8.5) = 42.5 at h = 0;
-    # smoothed with the first step: L̂/L̄ = (0.8·42.5 + 50)/(0.8·42.5 + 42.5) = 84/76.5
+    # the longer winners (pairs 0, 2) strongly preferred, the shorter ones (1, 3) not:
+    # ℓ̂ = 10 + d·σ(h) → (16, 10, 14, 10) = 50 against (13, 9, 12, 8.5) = 42.5 at h = 0
     big = 40.0
     record = _step(ctl, [big, -big, big, -big])
-    assert record["length_estimate"] == pytest.approx(20 * 84 / 76.5)
-    lam = (84 / 76.5 - 1) / 3.75  # η·gap / mean|d|
+    assert record["length_estimate"] == pytest.approx(20 * 50 / 42.5)
+    lam = (50 / 42.5 - 1) / 3.75  # η·gap / mean|d|
     assert ctl.correction == pytest.approx(lam)
     margins = 0.1 * torch.tensor([big, -big, big, -big])
     assert ctl.alpha == pytest.approx(length_neutral_alpha(GAPS, margins) + lam)
-    for _ in range(300):  # estimates far too short: α falls to 0, λ stops at −root there
-        ctl.smoothed = (0.0, 0.0)
+    for _ in range(300):  # the shorter answers preferred: α falls to 0 and stays ≥ 0
         _step(ctl, [-big, big, -big, big])
-        assert ctl.alpha >= 0.0 and ctl.correction >= -ctl.root - 1e-12
+        assert ctl.alpha >= 0.0
     assert ctl.alpha == 0.0
     # no wind-up: after 300 steps pushing down, λ waits at −c·root, not 300 steps below it
     assert ctl.root > 0 and ctl.correction == pytest.approx(-ctl.root)
@@ -94,12 +95,12 @@ def test_target_mode_raises_alpha_when_the_estimate_grows_and_lowers_it_when_it_
 
 def test_target_mode_corrects_a_drift_measured_before_training():
     # the sampling policy already answers 10 % longer than the target: α is the root times
-    # c = 1.1² from the first step on
-    ctl = AlphaController.start("target", GAPS, 0.05, LengthGoal(start=22.0, target=20.0))
+    # c = 1.1² from the first step on, and stays so while training changes nothing
+    ctl = _start("target", LengthGoal(start=22.0, target=20.0))
     assert ctl.alpha == pytest.approx(1.21 * length_neutral_alpha(GAPS))
-    _step(ctl, [0.0] * 4)  # no change measured within the run: λ stays 0
+    _step(ctl, [0.0] * 4)
     assert ctl.correction == 0 and ctl.alpha == pytest.approx(1.21 * length_neutral_alpha(GAPS))
-    short = AlphaController.start("target", GAPS, 0.05, LengthGoal(start=18.0, target=20.0))
+    short = _start("target", LengthGoal(start=18.0, target=20.0))
     assert short.alpha == pytest.approx(0.81 * length_neutral_alpha(GAPS))
 
 

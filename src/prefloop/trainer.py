@@ -133,7 +133,7 @@ def loss_parameters(cfg: TrainConfig, pairs: list[TokenizedPair],
         start = float((chosen + rejected).mean() / 2) if pairs else 0.0
         goal = LengthGoal(start, lc.target or start)
     try:
-        controller = AlphaController.start(mode, chosen - rejected, params["alpha"], goal,
+        controller = AlphaController.start(mode, chosen, rejected, params["alpha"], goal,
                                            lc.rate)
     except ValueError as e:
         key = "loss.auto_alpha" if cfg.loss.auto_alpha else f"loss.length_control.mode={mode}"
@@ -290,8 +290,9 @@ def train_preferences(
         logps = batch_logps(wrapped, batch, pairs, idx, spec, cfg.loss.length_unit, cache,
                             reference)
         h = []
-        if alpha is not None:  # h of each pair, for the α of the next step (all processes)
-            h = [((logps.policy_chosen - logps.ref_chosen)
+        if alpha is not None:  # each pair's index and h, for the next step's α
+            h = [torch.tensor(idx, dtype=torch.float32, device=device),
+                 ((logps.policy_chosen - logps.ref_chosen)
                   - (logps.policy_rejected - logps.ref_rejected)).detach().float()]
         out = compute_loss(cfg.loss.name, logps, **loss_params)
         return out.losses, torch.stack([
@@ -300,7 +301,7 @@ def train_preferences(
             (out.chosen_rewards > out.rejected_rewards).float(),
             logps.policy_chosen.detach().float(), logps.policy_rejected.detach().float(),
             logps.chosen_lengths.float(), logps.rejected_lengths.float(), *h,
-        ], dim=1)  # (b, 8), and h as a 9th column for lr_dpo's α
+        ], dim=1)  # (b, 8), and index and h as 9th and 10th columns for lr_dpo's α
 
     for step in range(1, total_steps + 1):
         sums = {k: 0.0 for k in ("loss", "chosen_reward", "rejected_reward", "accuracy",
@@ -319,9 +320,8 @@ def train_preferences(
         record = {k: v / step_pairs for k, v in sums.items()}
         record["margin"] = record["chosen_reward"] - record["rejected_reward"]
         if alpha is not None:  # α of the next step, from this step's pairs (every process)
-            rows = torch.cat(per_pair).double()  # (step pairs, 9)
-            record.update(alpha.after_step(rows[:, 8], rows[:, 6], rows[:, 7],
-                                           loss_params["beta"]))
+            rows = torch.cat(per_pair).double()  # (step pairs, 10)
+            record.update(alpha.after_step(rows[:, 8], rows[:, 9], loss_params["beta"]))
             loss_params["alpha"] = alpha.alpha
         record.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
                       grad_norm=float(grad_norm), pairs=pairs_seen,
