@@ -93,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(DemoConfig, None, args.overrides)
     cfg.out_dir = args.out
+    if not args.progress:
+        from transformers.utils import logging
+
+        from prefloop.cli.common import quiet_libraries
+
+        quiet_libraries()
+        logging.set_verbosity_error()
     start = time.perf_counter()
     results = run_seeds(cfg, args.seeds, progress=args.progress, echo=lambda *a, **k: None)
     print(f"<!-- python scripts/demo_tables.py --seeds {' '.join(map(str, args.seeds))} "

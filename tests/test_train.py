@@ -308,3 +308,13 @@ def test_distributed_two_processes_match_one_process(model_dir, pref_file, tmp_p
     for a, b in zip(one, two, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5
         assert abs(a["margin"] - b["margin"]) < 1e-5
+
+
+def test_train_log_records_the_learning_rate_each_step_used(model_dir, pref_file, tmp_path):
+    """The rate was read after the scheduler moved: 0.0 on the last step of a linear
+    schedule and no warm-up visible on the first."""
+    result = train_preferences(
+        _config(model_dir("llama"), pref_file(16), tmp_path / "out", "training.max_steps=4",
+                "training.warmup_ratio=0.5", "training.lr=1e-3"), progress=False)
+    # linear warm-up over 2 steps from 0, then linear decay to 0 after the 4th step
+    assert [r["lr"] for r in result.log] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])

@@ -343,6 +343,7 @@ def train_reward_model(cfg: RewardModelConfig, rows: list[dict] | None = None,
             accelerator, wrapped, stream, t.grad_accum, train, forward, sums, step, partial,
             cfg.output_dir, cfg.model)
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (before the scheduler moves)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -350,7 +351,7 @@ def train_reward_model(cfg: RewardModelConfig, rows: list[dict] | None = None,
         faults.point()
         correct_per_step.append((sums["accuracy"], step_pairs))
         record = {key: v / step_pairs for key, v in sums.items()}
-        record.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
+        record.update(step=step, epoch=epoch, lr=lr,
                       grad_norm=float(grad_norm), pairs=pairs_seen,
                       seconds=time.perf_counter() - start)
         log.add(record)

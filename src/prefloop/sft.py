@@ -428,6 +428,7 @@ def train_sft(cfg: SFTConfig, rows: list[dict] | None = None,
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
         if cfg.l1_delta:
             orthants = l1_pseudo_gradient_(params, anchors, cfg.l1_delta)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (before the scheduler moves)
         optimizer.step()
         if cfg.l1_delta:
             project_to_orthants_(params, anchors, orthants)
@@ -437,7 +438,7 @@ def train_sft(cfg: SFTConfig, rows: list[dict] | None = None,
         tokens_seen += step_tokens
         faults.point()
         record = {"loss": nll_sum.item() / step_tokens, "tokens": step_tokens, "step": step,
-                  "epoch": epoch, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                  "epoch": epoch, "lr": lr, "grad_norm": float(grad_norm),
                   "examples": examples_seen, "seconds": time.perf_counter() - start}
         if cfg.l1_delta:
             delta = delta_stats(params, anchors)

@@ -312,6 +312,7 @@ def train_preferences(
             accelerator, wrapped, stream, t_cfg.grad_accum, pairs, forward, sums, step, partial,
             output_dir, cfg.model, per_pair)
         grad_norm = accelerator.clip_grad_norm_(params, t_cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (before the scheduler moves)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -323,7 +324,7 @@ def train_preferences(
             rows = torch.cat(per_pair).double()  # (step pairs, 10)
             record.update(alpha.after_step(rows[:, 8], rows[:, 9], loss_params["beta"]))
             loss_params["alpha"] = alpha.alpha
-        record.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
+        record.update(step=step, epoch=epoch, lr=lr,
                       grad_norm=float(grad_norm), pairs=pairs_seen,
                       seconds=time.perf_counter() - start)
         log.add(record)
