@@ -48,6 +48,27 @@ def test_sample_score_pair_train_chain_on_files(files, tmp_path, capsys):
                  f"output_dir={out}", "training.max_steps=1", "loss.name=lr_dpo", "-q"]) == 0
     assert AutoModelForCausalLM.from_pretrained(out) is not None
     assert "pairs seen" in capsys.readouterr().out
+    # a second run into the same directory is refused before anything is loaded, and the
+    # first run's model is untouched; --overwrite replaces it
+    weights = (out / "model.safetensors").read_bytes()
+    again = ["train", f"model={files / 'policy'}", f"data.path={pairs}", f"output_dir={out}",
+             "training.max_steps=1", "loss.name=lr_dpo", "training.lr=1e-2", "-q"]
+    assert main(again) == 2
+    assert f"output_dir: {out} exists and is not empty; pass --overwrite" in \
+        capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert main([*again, "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() != weights
+
+
+@pytest.mark.parametrize("command", ["sft", "reward-model"])
+def test_sft_and_reward_model_refuse_a_non_empty_output_dir(command, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main([command, "model=nowhere", "data.path=nothing.jsonl", f"output_dir={out}"]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_best_of_n_keeps_the_highest_scoring_sample(files, tmp_path):

@@ -157,6 +157,17 @@ def prepare_output(output_dir: str | Path, main: bool) -> Path:
     return partial
 
 
+def refuse_existing_output(output_dir: str | Path, overwrite: bool) -> None:
+    """A command's output directory must not hold anything yet, unless the user asked to
+    replace it (`--overwrite`): checked before any model is loaded."""
+    out = Path(output_dir)
+    if overwrite or not out.exists():
+        return
+    if out.is_file() or any(out.iterdir()):
+        raise PrefloopError(f"output_dir: {out} exists and is not empty; pass --overwrite to "
+                            "replace it, or choose another output_dir (nothing was written)")
+
+
 def finish_output(partial: Path, output_dir: str | Path) -> Path:
     """Move the finished partial directory over `output_dir` (main process only)."""
     output_dir = Path(output_dir)

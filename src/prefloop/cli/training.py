@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from prefloop.cli.common import OVERRIDES_HELP, print_rows
+from prefloop.harness import refuse_existing_output
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +17,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     train.add_argument("config", nargs="?", help="YAML config (see `prefloop config`)")
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace output_dir when it exists (refused otherwise)")
     train.set_defaults(func=_cmd_train)
 
     for name, func, help_, example in [
@@ -29,6 +32,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("config", nargs="?", help="YAML config")
         p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace output_dir when it exists (refused otherwise)")
         p.set_defaults(func=func)
 
 
@@ -38,6 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from prefloop.trainer import train_preferences
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    refuse_existing_output(cfg.output_dir, args.overwrite)
     result = train_preferences(cfg, progress=not args.quiet)
     if not result.is_main_process:
         return 0
@@ -68,6 +74,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     from prefloop.sft import SFTConfig, train_sft
 
     cfg = load_config(SFTConfig, args.config, args.overrides)
+    refuse_existing_output(cfg.output_dir, args.overwrite)
     result = train_sft(cfg, progress=not args.quiet)
     if not result.is_main_process:
         return 0
@@ -89,6 +96,7 @@ def _cmd_reward_model(args: argparse.Namespace) -> int:
     from prefloop.reward_training import RewardModelConfig, train_reward_model
 
     cfg = load_config(RewardModelConfig, args.config, args.overrides)
+    refuse_existing_output(cfg.output_dir, args.overwrite)
     result = train_reward_model(cfg, progress=not args.quiet)
     if not result.is_main_process:
         return 0
