@@ -336,3 +336,23 @@ def test_gold_values_outside_zero_one_are_refused(world, tmp_path):
     cfg = _config(world, tmp_path / "run", "eval.gold=tests.reward_functions:out_of_range")
     with pytest.raises(PrefloopError, match=r"value of response 0 is 2\.5 \(must be in \[0, 1\]"):
         run(cfg, progress=False)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("training.batch_size=0", "training.batch_size: must be ≥ 1"),
+    ("training.precision=bf32", "training.precision: 'bf32' is not one of fp32, bf16, fp16"),
+    ("prompts.per_iteration=15", "3 disjoint slices of 15 need 45 prompts but"),
+    ("data.max_prompt_length=2048", "data.max_prompt_length must be smaller"),
+])
+def test_the_whole_config_is_checked_before_any_stage_and_by_dry_run(world, tmp_path, override,
+                                                                     message):
+    """These used to pass --dry-run and fail only after sampling, scoring and pairing (the
+    corrected re-run then refused as a changed config)."""
+    from prefloop.errors import PrefloopError
+    from prefloop.loop import plan
+
+    with pytest.raises(PrefloopError, match=message):
+        plan(_config(world, tmp_path / "run", "iterations=3", override))
+    with pytest.raises(PrefloopError, match=message):
+        run(_config(world, tmp_path / "run", "iterations=3", override), progress=False)
+    assert not (tmp_path / "run").exists()

@@ -30,17 +30,20 @@ from pathlib import Path
 
 from prefloop import faults, io
 from prefloop.config import (
+    TRUNCATION,
     DataConfig,
     LossConfig,
     RewardConfig,
     SamplingConfig,
     TrainConfig,
     TrainingConfig,
+    check_choice,
     config_hash,
     dump_yaml,
     from_dict,
     to_dict,
     validate_loss,
+    validate_training,
 )
 from prefloop.data import load_rows, read_jsonl
 from prefloop.errors import PrefloopError, where
@@ -120,6 +123,10 @@ class RunConfig:
         if self.data.path:
             raise PrefloopError("data.path: not used by the loop (pairs come from sampling); "
                                 "set prompts.path instead")
+        check_choice("data.truncation", self.data.truncation, TRUNCATION)
+        if self.data.max_prompt_length >= self.data.max_length:
+            raise PrefloopError("data.max_prompt_length must be smaller than data.max_length")
+        validate_training(self.training)
         validate_loss(self.loss)
         self.sampling.validate("sampling")
         self.eval.sampling.validate("eval.sampling")
@@ -356,13 +363,15 @@ class Loop:
 
     def run(self, resume: bool = False, redo_from: str | None = None) -> RunResult:
         cfg = self.cfg
-        check_functions(cfg)  # a typo in a function name fails before anything is written
+        # what can be checked without a model fails before anything is written
+        check_functions(cfg)
+        prompt_rows = load_rows(cfg.prompts.path, cfg.prompts.split)  # read once, for both
+        prompts = load_prompts(cfg.prompts, rows=prompt_rows)
+        iteration_prompts(prompts, cfg.prompts, cfg.iterations, cfg.iterations)  # enough?
         self.manifest = self.open_manifest(resume, redo_from)
         if self.manifest.finished and not redo_from:
             self.echo(f"{self.dir}: run already complete; nothing to do")
             return RunResult(self.dir, self.read_metrics(), [], [])
-        prompt_rows = load_rows(cfg.prompts.path, cfg.prompts.split)  # read once, for both
-        prompts = load_prompts(cfg.prompts, rows=prompt_rows)
         self.targets = load_targets(cfg.prompts, prompt_rows) if cfg.prompts.target_column \
             else {}
         self.eval_prompts = load_prompts(cfg.eval.prompts, "eval.prompts") \
@@ -752,6 +761,11 @@ def plan(cfg: RunConfig) -> list[tuple[str, str]]:
                       ("replay_data", cfg.replay_data)):
         if path and _looks_local(path) and not Path(path).expanduser().exists():
             raise PrefloopError(f"{key}: {path} does not exist")
+    if cfg.prompts.per_iteration and _looks_local(cfg.prompts.path):
+        # a local prompt file is cheap to read: too few prompts fail here, not after
+        # the first iterations have run
+        prompts = load_prompts(cfg.prompts)
+        iteration_prompts(prompts, cfg.prompts, cfg.iterations, cfg.iterations)
     mode = cfg.loss.alpha_mode
     params = ", ".join([f"{k}={v}" for k, v in cfg.loss.params.items()]
                        + ([f"alpha={mode}"] if mode not in ("none", "fixed") else []))
