@@ -356,3 +356,53 @@ def test_the_whole_config_is_checked_before_any_stage_and_by_dry_run(world, tmp_
     with pytest.raises(PrefloopError, match=message):
         run(_config(world, tmp_path / "run", "iterations=3", override), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_alone_resumes_extends_and_says_what_changed(world, tmp_path, capsys):
+    """New-user bugs: `prefloop run runs/NAME --resume` failed (config file not found);
+    "config differs" printed two hashes; `iterations=N --resume` on a finished run was
+    refused; re-running a finished run said it skipped 0 stages; a library call printed
+    tables with progress=False."""
+    from prefloop.loop import ConfigChanged, load_run_config
+
+    run_dir = tmp_path / "run"
+    first = run(_config(world, run_dir, "iterations=1"), progress=False)
+    assert capsys.readouterr().out == ""  # silent unless asked
+    assert len(first.stages_run) == 6  # iter_0 evaluate + five stages of iteration 1
+    again = run(load_run_config(str(run_dir)), resume=True, progress=False)
+    assert again.stages_run == [] and sorted(again.skipped) == sorted(first.stages_run)
+    with pytest.raises(ConfigChanged, match=r"training\.lr: 0\.001 → 0\.0001"):
+        run(load_run_config(str(run_dir), ["training.lr=1e-4"]), resume=True, progress=False)
+    longer = run(load_run_config(str(run_dir), ["iterations=2"]), resume=True, progress=False)
+    assert sorted(longer.stages_run) == sorted(f"iter_2/{s}" for s in
+                                               ("sample", "score", "pair", "train", "evaluate"))
+    assert [m["iteration"] for m in longer.metrics] == [0, 1, 2]
+    assert "iterations: 2" in (run_dir / "config.yaml").read_text()
+    with pytest.raises(ConfigChanged, match="extended .* not shortened"):
+        run(load_run_config(str(run_dir), ["iterations=1"]), resume=True, progress=False)
+
+
+def test_redo_from_past_the_last_iteration_changes_nothing(world, tmp_path):
+    """It exited 0 having redone nothing, yet rewrote config.yaml and the manifest's hash."""
+    from prefloop.errors import PrefloopError
+    from prefloop.loop import load_run_config
+
+    run_dir = tmp_path / "run"
+    run(_config(world, run_dir, "iterations=1"), progress=False)
+    before = {p.name: p.read_bytes() for p in (run_dir / "config.yaml", run_dir / "manifest.json")}
+    with pytest.raises(PrefloopError, match="iter_5/train is past the run's last iteration"):
+        run(load_run_config(str(run_dir), ["training.lr=1e-4"]), redo_from="iter_5/train",
+            progress=False)
+    assert before == {p.name: p.read_bytes() for p in (run_dir / "config.yaml",
+                                                        run_dir / "manifest.json")}
+
+
+def test_a_non_empty_directory_without_a_run_is_not_written_into(world, tmp_path):
+    from prefloop.errors import PrefloopError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(PrefloopError, match="holds no prefloop run .* pass --overwrite"):
+        run(_config(world, mine, "iterations=1"), progress=False)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

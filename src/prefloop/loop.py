@@ -270,6 +270,21 @@ class ConfigChanged(PrefloopError):
     """A run directory started with another config than the one given now."""
 
 
+# Config keys that say where a run lives or how long it goes on, not what its stages compute:
+# they may differ between the recorded config and a resumed one.
+WHERE_NOT_WHAT = ("name", "run_dir", "iterations")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def stage_key(iteration: int, stage: str) -> str:
     return f"iter_{iteration}/{stage}"
 
@@ -299,8 +314,10 @@ class RunResult:
 class Loop:
     """Drives one run directory. Each `_stage_*` method is one stage of one iteration."""
 
-    def __init__(self, cfg: RunConfig, progress: bool = True, echo: Callable = print):
+    def __init__(self, cfg: RunConfig, progress: bool = True, echo: Callable = print,
+                 overwrite: bool = False):
         self.cfg = cfg
+        self.overwrite = overwrite  # write into a non-empty directory that holds no run
         self.dir = cfg.directory
         self.procs = Processes()
         self.progress = progress and self.procs.is_main
@@ -324,8 +341,18 @@ class Loop:
         cfg, path = self.cfg, self.dir / "manifest.json"
         digest = config_hash(cfg)
         manifest = Manifest.load(path)
+        if redo_from:
+            it, _ = stage_order(redo_from)
+            if it > cfg.iterations:
+                raise PrefloopError(f"--redo-from: {redo_from} is past the run's last iteration "
+                                    f"({cfg.iterations}); nothing would be redone")
         if manifest is None:
             if self.procs.is_main:
+                if self.dir.is_dir() and any(self.dir.iterdir()) and not self.overwrite:
+                    raise PrefloopError(
+                        f"{self.dir}: exists, is not empty and holds no prefloop run "
+                        "(no manifest.json); choose another run_dir, or pass --overwrite to "
+                        "write the run among its files")
                 try:
                     self.dir.mkdir(parents=True, exist_ok=True)
                     io.write_text(self.dir / "config.yaml", dump_yaml(cfg))
@@ -339,27 +366,52 @@ class Loop:
                 io.write_json(path, manifest.data)
             self.procs.barrier()
             return Manifest.load(path)
-        if manifest.data["config_hash"] != digest:
-            if not redo_from:
-                raise ConfigChanged(
-                    f"{self.dir}: the config differs from the one this run was started with "
-                    f"(hash {manifest.data['config_hash']} vs {digest}); use a new run_dir, or "
-                    "pass --redo-from ITER/STAGE (e.g. iter_2/train) to redo from that stage"
-                )
-        elif not resume and not manifest.finished and not redo_from:
+        changes, recorded_iterations = self.config_changes()
+        extend = cfg.iterations > recorded_iterations
+        if changes and not redo_from:
+            raise ConfigChanged(
+                f"{self.dir}: the config differs from the one this run was started with ("
+                + "; ".join(changes) + "); use a new run_dir, or pass --redo-from ITER/STAGE "
+                "(e.g. iter_2/train) to redo from that stage")
+        if cfg.iterations < recorded_iterations and not redo_from:
+            raise ConfigChanged(
+                f"iterations: this run has {recorded_iterations}; a run can be extended "
+                f"(iterations={recorded_iterations + 1} --resume), not shortened")
+        if not (resume or manifest.finished or redo_from or extend):
             raise PrefloopError(
                 f"{self.dir}: an unfinished run is already here; pass --resume to continue it"
             )
         self.procs.barrier()
-        if self.procs.is_main and redo_from:
-            dropped = manifest.forget_from(redo_from)
-            self.echo(f"redoing {len(dropped)} stage(s) from {redo_from}")
+        if self.procs.is_main and (redo_from or extend):
+            if redo_from:
+                dropped = manifest.forget_from(redo_from)
+                self.echo(f"redoing {len(dropped)} stage(s) from {redo_from}")
+            else:
+                self.echo(f"extending the run from {recorded_iterations} to {cfg.iterations} "
+                          "iterations")
             manifest.data.pop("finished", None)
             manifest.data["config_hash"] = digest
             io.write_json(path, manifest.data)
             io.write_text(self.dir / "config.yaml", dump_yaml(cfg))
         self.procs.barrier()
         return Manifest.load(path)
+
+    def config_changes(self) -> tuple[list[str], int]:
+        """What differs between the run directory's config.yaml and this config, as
+        "key: old → new" (keys that do not change what a stage computes left out), and the
+        recorded number of iterations."""
+        import yaml
+
+        path = self.dir / "config.yaml"
+        if not path.is_file():
+            raise PrefloopError(f"{self.dir}: has manifest.json but no config.yaml; the run "
+                                "directory is damaged (use a new run_dir)")
+        recorded = _flatten(yaml.safe_load(path.read_text()) or {})
+        current = _flatten(to_dict(self.cfg))
+        changes = [f"{k}: {recorded.get(k, '(unset)')} → {current.get(k, '(unset)')}"
+                   for k in sorted(set(recorded) | set(current))
+                   if k not in WHERE_NOT_WHAT and recorded.get(k) != current.get(k)]
+        return changes, int(recorded.get("iterations", self.cfg.iterations))
 
     def run(self, resume: bool = False, redo_from: str | None = None) -> RunResult:
         cfg = self.cfg
@@ -371,7 +423,9 @@ class Loop:
         self.manifest = self.open_manifest(resume, redo_from)
         if self.manifest.finished and not redo_from:
             self.echo(f"{self.dir}: run already complete; nothing to do")
-            return RunResult(self.dir, self.read_metrics(), [], [])
+            done = [k for k, v in self.manifest.data["stages"].items()
+                    if v.get("status") in ("done", "skipped")]
+            return RunResult(self.dir, self.read_metrics(), [], done)
         self.targets = load_targets(cfg.prompts, prompt_rows) if cfg.prompts.target_column \
             else {}
         self.eval_prompts = load_prompts(cfg.eval.prompts, "eval.prompts") \
@@ -699,16 +753,26 @@ def format_metrics_row(record: dict, header: bool = False) -> str:
 
 
 def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A run config from a YAML file, or from a run directory (its recorded config.yaml,
+    with run_dir set to that directory), plus dotted overrides."""
     from prefloop.config import load_config
 
+    if path is not None and Path(path).is_dir():
+        if not (Path(path) / "config.yaml").is_file():
+            raise PrefloopError(f"{path}: a directory without config.yaml is not a prefloop "
+                                "run directory")
+        return load_config(RunConfig, Path(path) / "config.yaml",
+                           [f"run_dir={path}", *overrides])
     return load_config(RunConfig, path, list(overrides))
 
 
 def run(cfg: RunConfig, resume: bool = False, redo_from: str | None = None,
-        progress: bool = True) -> RunResult:
-    """Run (or continue) the loop described by `cfg`; returns the metrics per iteration."""
+        progress: bool = True, overwrite: bool = False) -> RunResult:
+    """Run (or continue) the loop described by `cfg`; returns the metrics per iteration.
+    `progress=False` is silent: no bars and no tables (the run's files still record all)."""
     cfg.validate()
-    return Loop(cfg, progress).run(resume, redo_from)
+    echo = print if progress else (lambda *a, **k: None)
+    return Loop(cfg, progress, echo, overwrite).run(resume, redo_from)
 
 
 def _looks_local(path: str) -> bool:
