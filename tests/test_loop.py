@@ -378,7 +378,7 @@ def test_a_run_directory_alone_resumes_extends_and_says_what_changed(world, tmp_
                                                ("sample", "score", "pair", "train", "evaluate"))
     assert [m["iteration"] for m in longer.metrics] == [0, 1, 2]
     assert "iterations: 2" in (run_dir / "config.yaml").read_text()
-    with pytest.raises(ConfigChanged, match="extended .* not shortened"):
+    with pytest.raises(ConfigChanged, match=r"extended .* not shortened"):
         run(load_run_config(str(run_dir), ["iterations=1"]), resume=True, progress=False)
 
 
@@ -403,6 +403,6 @@ def test_a_non_empty_directory_without_a_run_is_not_written_into(world, tmp_path
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(PrefloopError, match="holds no prefloop run .* pass --overwrite"):
+    with pytest.raises(PrefloopError, match=r"holds no prefloop run .* pass --overwrite"):
         run(_config(world, mine, "iterations=1"), progress=False)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
