@@ -308,3 +308,27 @@ def test_scoring_encodes_the_next_chunk_while_the_model_scores_this_one(model_di
     whole = stages._kept_scorer[1].score([r["prompt"] for r in rows],
                                          [r["response"] for r in rows])
     assert scores == pytest.approx(whole, abs=1e-5)
+
+
+def test_config_resolves_every_kind_and_suggests_a_misspelt_key(capsys):
+    """`prefloop config` resolved only train configs: a recipe gave "name: unknown config
+    key"."""
+    from pathlib import Path
+
+    import yaml
+
+    from prefloop.cli.info import CONFIG_KINDS
+
+    root = Path(__file__).resolve().parents[1]
+    for recipe in sorted((root / "recipes").glob("*.yaml")):
+        assert main(["config", str(recipe)]) == 0, recipe
+        resolved = yaml.safe_load(capsys.readouterr().out)
+        assert resolved["name"] == yaml.safe_load(recipe.read_text())["name"]
+        assert "eval" in resolved and "prompts" in resolved  # run keys, defaults filled in
+    for kind in CONFIG_KINDS:
+        assert main(["config", "--kind", kind]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"# prefloop {kind}: every key and its default")
+        assert yaml.safe_load(out)  # valid YAML with every key
+    assert main(["config", str(root / "recipes" / "ilr-dpo.yaml"), "trainng.lr=1e-6"]) == 2
+    assert "trainng: unknown config key; did you mean training?" in capsys.readouterr().err

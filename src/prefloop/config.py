@@ -467,8 +467,13 @@ def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
+            import difflib
+
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
             raise PrefloopError(
-                f"{prefix}{key}: unknown config key; valid keys here: {', '.join(sorted(fields))}"
+                f"{prefix}{key}: unknown config key; {hint}valid keys here: "
+                f"{', '.join(sorted(fields))}"
             )
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)

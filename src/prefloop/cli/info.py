@@ -12,10 +12,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     losses.set_defaults(func=_cmd_losses)
 
     config = sub.add_parser(
-        "config", help="print the resolved training config (defaults, file, overrides)"
+        "config", help="print a resolved config of any command: every key with its default, "
+        "then the file's values and the overrides",
+        description="Print the config a command would run with. Without a file: every key "
+        "of that kind of config and its default. The kind is inferred from the file's keys "
+        f"(train when several fit); --kind chooses it: {', '.join(CONFIG_KINDS)}.",
     )
-    config.add_argument("config", nargs="?", help="YAML config")
+    config.add_argument("config", nargs="?", help="YAML config (or a run directory)")
     config.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    config.add_argument("--kind", choices=list(CONFIG_KINDS),
+                        help="which command's config (default: inferred, else train)")
     config.set_defaults(func=_cmd_config)
 
 
@@ -33,11 +39,63 @@ def _cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_config(args: argparse.Namespace) -> int:
-    from prefloop.config import TrainConfig, dump_yaml, from_dict, load_config
+# Each command's config class, imported when asked for (`prefloop config --kind KIND`).
+CONFIG_KINDS = {
+    "train": "prefloop.config:TrainConfig",
+    "run": "prefloop.loop:RunConfig",
+    "sft": "prefloop.sft:SFTConfig",
+    "reward-model": "prefloop.reward_training:RewardModelConfig",
+    "distill": "prefloop.distill:DistillConfig",
+    "merge": "prefloop.merge:MergeConfig",
+    "demo": "prefloop.demo:DemoConfig",
+}
 
+
+def _config_class(kind: str) -> type:
+    import importlib
+
+    module, _, name = CONFIG_KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _infer_kind(path: str | None, overrides: list[str]) -> str:
+    """The kind whose config knows the most top-level keys of the file and the overrides
+    (the first in CONFIG_KINDS order among equals: train), so that a misspelt key is
+    reported against the config it was meant for."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from prefloop.config import merge, parse_overrides
+
+    raw: dict = {}
+    if path is not None and Path(path).is_dir():
+        return "run"
+    if path is not None and Path(path).is_file():
+        loaded = yaml.safe_load(Path(path).read_text())
+        raw = loaded if isinstance(loaded, dict) else {}
+    raw = merge(raw, parse_overrides(overrides))
+    def unknown(kind: str) -> int:
+        return len(set(raw) - {f.name for f in dataclasses.fields(_config_class(kind))})
+
+    return min(CONFIG_KINDS, key=unknown)  # min keeps the first of equals
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from prefloop.config import dump_yaml, from_dict, load_config
+
+    kind = args.kind or _infer_kind(args.config, args.overrides)
+    cls = _config_class(kind)
     if args.config is None and not args.overrides:
-        print(dump_yaml(from_dict(TrainConfig, {})), end="")
+        print(f"# prefloop {kind}: every key and its default", flush=True)
+        print(dump_yaml(from_dict(cls, {})), end="")
         return 0
-    print(dump_yaml(load_config(TrainConfig, args.config, args.overrides)), end="")
+    if kind == "run":
+        from prefloop.loop import load_run_config
+
+        cfg = load_run_config(args.config, args.overrides)
+    else:
+        cfg = load_config(cls, args.config, args.overrides)
+    print(dump_yaml(cfg), end="")
     return 0
