@@ -24,3 +24,11 @@ def length_and_letters(prompts: list, responses: list[str]) -> list[float]:
 def out_of_range(prompts: list, responses: list[str]) -> list[float]:
     """Not a gold value: gold is a correctness in [0, 1]."""
     return [2.5 for _ in responses]
+
+
+def raises(prompts: list, responses: list[str]) -> list[float]:
+    raise KeyError("score")
+
+
+def one_argument(responses: list[str]) -> list[float]:
+    return [0.0 for _ in responses]

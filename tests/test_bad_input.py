@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -475,3 +476,51 @@ def test_full_disk_while_exporting_a_model(models, tmp_path, capsys, monkeypatch
     fails(capsys, train(models, data, tmp_path / "out"), "No space left on device",
           f"nothing written to {tmp_path / 'out'}", out=tmp_path / "out")
     assert {p.name: p.read_bytes() for p in Path(models["policy"]).iterdir()} == before
+
+
+# ---------------------------------------------------------------- tracebacks a new user hit
+
+
+@pytest.mark.parametrize("function,message", [
+    ("tests.reward_functions:raises", "reward function tests.reward_functions:raises raised "
+                                      "KeyError ('score') on a batch of"),
+    ("tests.reward_functions:one_argument", "reward.function: tests.reward_functions:"
+                                            "one_argument must take two arguments, fn(prompts"),
+])
+def test_a_reward_function_that_raises_or_takes_the_wrong_arguments(function, message, tmp_path,
+                                                                    capsys):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "q", "response": "a",
+                                                  "prompt_id": "0", "sample_index": 0}])
+    fails(capsys, ["score", samples, "--reward-function", function, "--out",
+                   str(tmp_path / "out.jsonl"), "-q"], message)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_reward_function_from_a_file_path(tmp_path):
+    from prefloop.rewards import FunctionScorer
+
+    (tmp_path / "my_reward.py").write_text(
+        "def shortest(prompts, responses):\n    return [-len(r) for r in responses]\n")
+    scorer = FunctionScorer(f"{tmp_path / 'my_reward.py'}:shortest")
+    assert scorer.score(["q", "q"], ["ab", "abcd"]) == [-2.0, -4.0]
+
+
+def test_a_model_directory_without_a_tokenizer(tmp_path, tokenizer, capsys):
+    from prefloop.tiny import build_causal_lm
+
+    bare = tmp_path / "bare"
+    build_causal_lm("llama", tokenizer, "nano").save_pretrained(bare)  # weights, no tokenizer
+    fails(capsys, ["sample", "--model", str(bare), "--prompts",
+                   write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q"}]), "--out",
+                   str(tmp_path / "s.jsonl")], f"{bare}: cannot load tokenizer")
+
+
+def test_a_local_path_with_a_typo_fails_at_once(tmp_path, monkeypatch, capsys):
+    """`tb/nonexist` (with a `tb/` here) went to the hub for 50 s of retries."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tb").mkdir()
+    start = time.perf_counter()
+    fails(capsys, ["sample", "--model", "tb/nonexist", "--prompts",
+                   write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q"}]), "--out", "s.jsonl"],
+          "tb/nonexist: model directory not found")
+    assert time.perf_counter() - start < 5

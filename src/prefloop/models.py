@@ -18,9 +18,19 @@ UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 def check_source(name_or_path: str) -> None:
     """Refuse a local path that is not an HF model directory, or whose weights are not
     safetensors: `.bin`/`.pt` checkpoints are pickles, and unpickling runs code."""
+    import os
+
     path = Path(name_or_path).expanduser()
-    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
+    # a hub id is ORG/NAME; a path whose folder exists here (`tb/nonexist` with a `tb/`) is
+    # a local path with a typo, not a hub id to wait 50 s of retries for
+    looks_local = (name_or_path.startswith((".", "/", "~")) or path.exists()
+                   or name_or_path.count("/") != 1 or path.parent.is_dir())
     if not looks_local:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            cached = _in_hub_cache(name_or_path)
+            if not cached:
+                raise PrefloopError(f"{name_or_path}: no such local directory, and the hub is "
+                                    "offline (HF_HUB_OFFLINE) with no cached copy")
         return  # a hub id: `from_pretrained(..., use_safetensors=True)` refuses other weights
     if not path.is_dir():
         raise PrefloopError(f"{name_or_path}: model directory not found")
@@ -37,12 +47,25 @@ def check_source(name_or_path: str) -> None:
             )
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the hub cache holds any snapshot of `repo_id` (usable offline)."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return any(r.repo_id == repo_id for r in scan_cache_dir().repos)
+    except Exception:  # no cache directory yet, or an unreadable one: nothing cached
+        return False
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """A tokenizer with a pad token (EOS when it has none); remote code only on request."""
     from transformers import AutoTokenizer
 
     check_source(name_or_path)
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise load_error(name_or_path, "tokenizer", e) from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise PrefloopError(f"{name_or_path}: tokenizer has neither a pad nor an EOS token")

@@ -12,8 +12,11 @@ Every score must be finite; a NaN or inf names the offending sample.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -125,24 +128,61 @@ class RewardModelScorer:
         return check_scores(scores, len(encoded), "reward model")
 
 
+FUNCTION_SIGNATURE = "fn(prompts: list, responses: list[str]) -> list[float]"
+
+
 def import_function(spec: str, key: str = "reward.function") -> Callable:
-    """`package.module:function` → the function; only ever called with a config value
-    (`key` names it in errors)."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise PrefloopError(f"{key}: cannot import module {module_name!r} ({e})") from None
+    """`package.module:function` or `path/to/file.py:function` → the function, checked to
+    take (prompts, responses); only ever called with a config value (`key` names it in
+    errors)."""
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise PrefloopError(f"{key}: {spec!r} is not module:function or file.py:function")
+    if module_name.endswith(".py"):
+        path = Path(module_name).expanduser()
+        if not path.is_file():
+            raise PrefloopError(f"{key}: {module_name}: file not found")
+        loader = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(loader)
+        try:
+            loader.loader.exec_module(module)
+        except Exception as e:
+            raise PrefloopError(f"{key}: {module_name} failed to import ({type(e).__name__}: "
+                                f"{e})") from None
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise PrefloopError(f"{key}: cannot import module {module_name!r} ({e}); a file "
+                                "works too: path/to/file.py:function") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise PrefloopError(f"{key}: {module_name!r} has no function {attr!r}")
+    try:
+        inspect.signature(fn).bind([], [])
+    except TypeError:
+        raise PrefloopError(f"{key}: {spec} must take two arguments, "
+                            f"{FUNCTION_SIGNATURE}") from None
+    except ValueError:  # a builtin without a signature: let the call decide
+        pass
     return fn
+
+
+def call_function(fn: Callable, spec: str, prompts: Sequence[Text],
+                  responses: Sequence[str]) -> list:
+    """`fn(prompts, responses)`, with whatever it raises turned into one line naming it."""
+    try:
+        return list(fn(list(prompts), list(responses)))
+    except Exception as e:
+        raise PrefloopError(f"{spec} raised {type(e).__name__} ({e}) on a batch of "
+                            f"{len(responses)} responses; it must be {FUNCTION_SIGNATURE}"
+                            ) from None
 
 
 def gold_values(spec: str, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]:
     """`eval.gold`'s correctness of each response, checked: one finite value in [0, 1] each."""
-    values = check_scores(list(import_function(spec, "eval.gold")(list(prompts),
-                                                                  list(responses))),
+    fn = import_function(spec, "eval.gold")
+    values = check_scores(call_function(fn, f"eval.gold {spec}", prompts, responses),
                           len(responses), f"eval.gold {spec}")
     for i, v in enumerate(values):
         if not 0.0 <= v <= 1.0:
@@ -157,7 +197,8 @@ class FunctionScorer:
         self.fn = import_function(spec)
 
     def score(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]:
-        return check_scores(list(self.fn(list(prompts), list(responses))), len(responses),
+        return check_scores(call_function(self.fn, f"reward function {self.spec}", prompts,
+                                          responses), len(responses),
                             f"reward function {self.spec}")
 
 

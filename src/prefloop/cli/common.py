@@ -12,8 +12,8 @@ from prefloop.errors import PrefloopError
 if TYPE_CHECKING:
     from prefloop.config import RewardConfig
 
-OVERRIDES_HELP = ("dotted overrides, e.g. training.lr=1e-6 loss.name=dpo loss.beta=0.05 (every "
-                  "key and its default: prefloop config --kind KIND)")
+OVERRIDES_HELP = ("dotted overrides (every key and its default: prefloop config --kind KIND), "
+                  "e.g. training.lr=1e-6 loss.name=dpo loss.beta=0.05")
 
 
 def print_rows(title: str, rows: Iterable[tuple[str, object]]) -> None:

@@ -39,23 +39,28 @@ def _cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
-# Each command's config class, imported when asked for (`prefloop config --kind KIND`).
-CONFIG_KINDS = {
-    "train": "prefloop.config:TrainConfig",
-    "run": "prefloop.loop:RunConfig",
-    "sft": "prefloop.sft:SFTConfig",
-    "reward-model": "prefloop.reward_training:RewardModelConfig",
-    "distill": "prefloop.distill:DistillConfig",
-    "merge": "prefloop.merge:MergeConfig",
-    "demo": "prefloop.demo:DemoConfig",
-}
+# The commands whose config `prefloop config --kind KIND` resolves, in the order of
+# `_config_classes`.
+CONFIG_KINDS = ("train", "run", "sft", "reward-model", "distill", "merge", "demo")
+
+
+def _config_classes() -> dict[str, type]:
+    """Each kind's config class, imported only when `prefloop config` runs."""
+    from prefloop.config import TrainConfig
+    from prefloop.demo import DemoConfig
+    from prefloop.distill import DistillConfig
+    from prefloop.loop import RunConfig
+    from prefloop.merge import MergeConfig
+    from prefloop.reward_training import RewardModelConfig
+    from prefloop.sft import SFTConfig
+
+    classes = (TrainConfig, RunConfig, SFTConfig, RewardModelConfig, DistillConfig,
+               MergeConfig, DemoConfig)
+    return dict(zip(CONFIG_KINDS, classes, strict=True))
 
 
 def _config_class(kind: str) -> type:
-    import importlib
-
-    module, _, name = CONFIG_KINDS[kind].partition(":")
-    return getattr(importlib.import_module(module), name)
+    return _config_classes()[kind]
 
 
 def _infer_kind(path: str | None, overrides: list[str]) -> str:

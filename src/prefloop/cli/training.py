@@ -30,8 +30,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=help_, description=help_ + ". Run under `accelerate "
                            "launch --num_processes N` for data parallelism.")
         p.add_argument("config", nargs="?", help="YAML config")
-        p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example} (every "
-                       f"key and its default: prefloop config --kind {name})")
+        p.add_argument("overrides", nargs="*", help="dotted overrides (every key and its "
+                       f"default: prefloop config --kind {name}), e.g. {example}")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         p.add_argument("--overwrite", action="store_true",
                        help="replace output_dir when it exists (refused otherwise)")
