@@ -141,13 +141,27 @@ def test_last_keeps_the_final_round_with_its_ids_and_no_stale_logprob():
         assert r["logprob"] is None  # sampled after the refinement prompt, not the question
 
 
+class ShortDraftsSampler(EchoSampler):
+    """Drafts of every other sample are the shortest answer, so `shortest` keeps a draft
+    there and a refinement elsewhere (EchoSampler alone never made the draft the shortest,
+    and the draft branch of the test below never ran)."""
+
+    def answer(self, prompt, index: int) -> str:
+        if self.text(prompt).startswith("Question: "):  # a refinement request
+            return f"refined {index}"
+        return "d" if index % 2 == 0 else "a much longer draft answer"
+
+
 def test_shortest_and_draft_pick_keeps_the_draft_logprob():
-    rows = RefiningSampler(EchoSampler(), chat=False).sample(_prompts(), _sampling(2, "shortest"))
+    rows = RefiningSampler(ShortDraftsSampler(), chat=False).sample(_prompts(),
+                                                                    _sampling(2, "shortest"))
     for r in rows:
         lengths = [c["num_tokens"] for c in r["refinements"]]
         assert r["refine_pick"] == lengths.index(min(lengths))
         assert r["num_tokens"] == min(lengths)
         assert r["logprob"] == (-1.5 if r["refine_pick"] == 0 else None)
+    # both branches ran: drafts kept (with their sampling log-prob) and refinements kept
+    assert {r["refine_pick"] == 0 for r in rows} == {True, False}
 
 
 def test_reward_selection_picks_the_argmax_of_the_reward():
