@@ -1,4 +1,6 @@
-"""Sampling responses from a policy: the `Sampler` interface and its HF `generate` backend.
+"""Sampling responses from a policy: the `Sampler` interface and its HF `generate` backend
+(the vLLM backend is prefloop.vllm_sampler; `stages.open_sampler` picks one by
+`sampling.backend`). Both write their rows through `response_rows`.
 
 A sample row (one line of samples.jsonl):
 
@@ -8,13 +10,14 @@ A sample row (one line of samples.jsonl):
 `logprob` is the summed log-probability of `response_ids` under the sampling policy, read
 from the raw (untempered) logits of the generation pass; the trainer reuses it as the
 reference log-prob when the reference is the policy that sampled, so no second pass is
-needed. It is `null` when it was not recorded (beam search, or logits too large to keep).
+needed (HF backend only: vLLM's come from other kernels). It is `null` when it was not
+recorded (beam search, or logits too large to keep).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -107,12 +110,11 @@ class HFSampler:
             )
             new = out.sequences[:, width:].cpu()  # (b·K, steps)
             logps = sampled_token_logps(out.logits, new) if keep else None
-            k = config.num_samples
-            responses = self._responses(new)
-            for j, i in enumerate(idx):
-                for s in range(k):
-                    rows.append(self._row(prompts[i], encoded[i], s, *responses[j * k + s],
-                                          None if logps is None else logps[j * k + s]))
+            rows += response_rows(
+                tok, [prompts[i] for i in idx], [encoded[i] for i in idx],
+                config.num_samples, new.tolist(),
+                None if logps is None else summed_logps(logps),
+            )
             if bar is not None:
                 bar.update(len(idx))
         if bar is not None:
@@ -120,33 +122,40 @@ class HFSampler:
         model.train(was_training)
         return rows
 
-    def _responses(self, new: torch.Tensor) -> list[tuple[list[int], str, str]]:
-        """(token ids up to and including the first EOS, their text, finish reason) of each
-        row of `new` (b·K, steps); one decode call for the batch."""
-        eos = self.tokenizer.eos_token_id
-        cut = []
-        for ids in new.tolist():
-            if eos in ids:
-                cut.append((ids[: ids.index(eos) + 1], "eos"))
-            else:
-                cut.append((ids, "length"))
-        texts = self.tokenizer.batch_decode([ids for ids, _ in cut], skip_special_tokens=True)
-        return [(ids, text, finish) for (ids, finish), text in zip(cut, texts, strict=True)]
 
-    def _row(self, prompt: PromptRecord, prompt_ids: list[int], index: int, ids: list[int],
-             text: str, finish: str, logps):
-        return {
+def response_rows(tokenizer, prompts: Sequence[PromptRecord], prompt_ids: Sequence[list[int]],
+                  k: int, generated: Sequence[list[int]],
+                  logprob: Callable[[int, list[int]], float] | None = None) -> list[dict]:
+    """Sample rows of `prompts` from what a backend generated: `generated[n]` is sample
+    n % k of prompt n // k, cut here after its first EOS (or kept whole: ``length``) and
+    decoded in one call; `logprob(n, kept_ids)` gives its summed log-prob (None: not
+    recorded). Every backend writes its rows through here, so they share one schema."""
+    eos = tokenizer.eos_token_id
+    cut = [(ids[: ids.index(eos) + 1], "eos") if eos in ids else (list(ids), "length")
+           for ids in generated]
+    texts = tokenizer.batch_decode([ids for ids, _ in cut], skip_special_tokens=True)
+    rows = []
+    for n, ((ids, finish), text) in enumerate(zip(cut, texts, strict=True)):
+        prompt, index = prompts[n // k], n % k
+        rows.append({
             "prompt_id": prompt.prompt_id,
             "prompt": prompt.prompt,
-            "prompt_ids": prompt_ids,
+            "prompt_ids": prompt_ids[n // k],
             "sample_index": index,
             "response": text,
             "response_ids": ids,
             "num_tokens": len(ids),
             "num_chars": len(text),
             "finish_reason": finish,
-            "logprob": None if logps is None else float(logps[: len(ids)].sum()),
-        }
+            "logprob": None if logprob is None else logprob(n, ids),
+        })
+    return rows
+
+
+def summed_logps(logps: torch.Tensor) -> Callable[[int, list[int]], float]:
+    """`response_rows`' log-prob of row n from per-token log-probs (b·K, steps): the sum over
+    its kept tokens."""
+    return lambda n, ids: float(logps[n, : len(ids)].sum())
 
 
 def sampled_token_logps(step_logits: Sequence[torch.Tensor], new: torch.Tensor

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from prefloop import faults
 from prefloop.config import RewardConfig, SamplingConfig
 from prefloop.errors import PrefloopError, where
-from prefloop.sampling import PromptRecord
+from prefloop.sampling import PromptRecord, Sampler
 
 
 class Processes:
@@ -125,22 +126,52 @@ def _keep_if_small(reward: RewardConfig, trust_remote_code: bool, scorer) -> boo
 # ---------------------------------------------------------------- sampling and scoring
 
 
+@contextmanager
+def open_sampler(policy: str, sampling: SamplingConfig, device=None,
+                 trust_remote_code: bool = False, tokenizer=None) -> Iterator[Sampler]:
+    """The sampler of `sampling.backend` on `policy`, released when the block ends: HF
+    `generate` on a model loaded here (its weights freed at once when big), or a vLLM engine
+    (its processes stopped, so their memory is back before anything else runs). The one
+    place a backend is chosen: every sampling stage opens its sampler through here."""
+    from prefloop.models import load_causal_lm, load_tokenizer
+
+    tok = tokenizer or load_tokenizer(policy, trust_remote_code)
+    if sampling.backend == "vllm":
+        from prefloop.vllm_sampler import VLLMSampler
+
+        with VLLMSampler(policy, sampling, trust_remote_code, device, tok) as engine:
+            yield engine
+        return
+    from prefloop.sampling import HFSampler
+
+    model = load_causal_lm(policy, trust_remote_code).to(device or "cpu")
+    sampler = HFSampler(model, tok)
+    try:
+        yield sampler
+    finally:
+        big = _weight_bytes(model) >= RELEASE_BYTES
+        sampler.model = None  # the caller may still hold the sampler; not its weights
+        del model
+        _release(big)
+
+
 def sample_prompts(policy: str, prompts: Sequence[PromptRecord], sampling: SamplingConfig,
                    procs: Processes | None = None, trust_remote_code: bool = False,
                    progress: bool = False, desc: str = "sample",
                    reward: RewardConfig | None = None) -> list[dict]:
     """K samples per prompt; generate batches spread over processes; rows in prompt order.
     With `sampling.refine.rounds` > 0 each sample is self-refined (prefloop.refine; `reward`
-    scores the rounds for `select: reward`).
+    scores the rounds for `select: reward`). `sampling.backend` picks HF `generate` or a
+    vLLM engine (`open_sampler`), started for this call and released before it returns.
 
     Batches are cut from the prompt order before they are spread, and each batch draws from
     its own seed, so any number of processes writes the same rows.
     """
-    from prefloop.models import load_causal_lm, load_tokenizer
+    from prefloop.models import load_tokenizer
     from prefloop.refine import with_refinement
-    from prefloop.sampling import HFSampler
 
     procs = procs or Processes()
+    sampling.validate()
     tok = load_tokenizer(policy, trust_remote_code)
     chat = next((p for p in prompts if isinstance(p.prompt, list)), None)
     if chat is not None and not getattr(tok, "chat_template", None):
@@ -149,18 +180,17 @@ def sample_prompts(policy: str, prompts: Sequence[PromptRecord], sampling: Sampl
             f"template and {policy}'s has none (add one to its tokenizer_config.json or use "
             "plain-text prompts)"
         )
-    model = load_causal_lm(policy, trust_remote_code).to(procs.device)
-    sampler = with_refinement(HFSampler(model, tok), sampling, reward, trust_remote_code)
     bs = sampling.batch_size
     batches = [list(prompts[i : i + bs]) for i in range(0, len(prompts), bs)]
     mine = [b for j, b in enumerate(batches) if j % procs.world == procs.rank]
     rows = []
-    for batch in bar(mine, progress and procs.is_main, desc):
-        rows += sampler.sample(batch, sampling)
-        faults.point()
-    big = _weight_bytes(model) >= RELEASE_BYTES
-    del model, sampler
-    _release(big)
+    if mine:  # a process without prompts starts no model
+        with open_sampler(policy, sampling, procs.device, trust_remote_code, tok) as inner:
+            sampler = with_refinement(inner, sampling, reward, trust_remote_code)
+            for batch in bar(mine, progress and procs.is_main, desc):
+                rows += sampler.sample(batch, sampling)
+                faults.point()
+            del sampler
     order = {p.prompt_id: i for i, p in enumerate(prompts)}
     rows = procs.gather(rows)
     return sorted(rows, key=lambda r: (order[r["prompt_id"]], r["sample_index"]))

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from prefloop.cli.common import add_reward_options, print_rows, require_fields, reward_config
+from prefloop.cli.stages import add_backend_options, backend_options
 from prefloop.errors import PrefloopError
 
 
@@ -39,6 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.add_argument("-q", "--quiet", action="store_true")
+    add_backend_options(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
     report = sub.add_parser("report", help="HTML report with plots for one or more run dirs")
@@ -143,7 +145,9 @@ def _responses(source: str, args: argparse.Namespace, procs) -> list[dict]:
     prompts = load_prompts(PromptsConfig(path=args.prompts, column=args.prompt_column,
                                          limit=args.limit))
     sampling = SamplingConfig(num_samples=1, temperature=args.temperature,
-                              max_new_tokens=args.max_new_tokens, seed=args.seed)
+                              max_new_tokens=args.max_new_tokens, seed=args.seed,
+                              **backend_options(args))
+    sampling.validate()
     return sample_prompts(source, prompts, sampling, procs, args.trust_remote_code,
                           not args.quiet)
 

