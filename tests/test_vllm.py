@@ -346,8 +346,6 @@ def test_two_iterations_with_vllm_leave_the_documented_artifacts(vllm_run, world
 
 @needs_vllm
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs the loop change: reuse_sampling_logps only when "
-                                       "sampling.backend is hf (prefloop.loop.Loop.train)")
 def test_the_loop_computes_reference_logprobs_itself_after_vllm_sampling(vllm_run):
     """vLLM's log-probs come from other kernels (and bf16 on GPUs): the loop must not reuse
     them as the reference, but run its own no-grad pass."""

@@ -567,7 +567,8 @@ class Loop:
         train_cfg = TrainConfig(
             model=start,
             reference="" if previous or t == 1 else cfg.policy,
-            reuse_sampling_logps=previous or t == 1,
+            # vLLM's log-probs come from other kernels (bf16 on GPUs): one no-grad pass instead
+            reuse_sampling_logps=(previous or t == 1) and cfg.sampling.backend == "hf",
             output_dir=str(self.it_dir(t) / "policy"),
             trust_remote_code=cfg.trust_remote_code,
             data=DataConfig(**{**vars(d), "path": str(self.it_dir(t) / "pairs.jsonl")}),
