@@ -380,6 +380,14 @@ def test_a_run_directory_alone_resumes_extends_and_says_what_changed(world, tmp_
     assert "iterations: 2" in (run_dir / "config.yaml").read_text()
     with pytest.raises(ConfigChanged, match=r"extended .* not shortened"):
         run(load_run_config(str(run_dir), ["iterations=1"]), resume=True, progress=False)
+    # the same from the command line, and through the package's own `prefloop.run`
+    import prefloop
+    from prefloop.cli import main
+
+    capsys.readouterr()
+    assert main(["run", str(run_dir), "--resume", "-q"]) == 0
+    assert "│ 0 / 11" in capsys.readouterr().out.replace("stages run / skipped", "")
+    assert prefloop.run(load_run_config(str(run_dir)), progress=False).stages_run == []
 
 
 def test_redo_from_past_the_last_iteration_changes_nothing(world, tmp_path):

@@ -21,7 +21,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Run T iterations of sample → score → pair → train → evaluate into a run "
         "directory. Stages already done are skipped.",
     )
-    run.add_argument("config", nargs="?", help="YAML run config (see recipes/)")
+    run.add_argument("config", nargs="?",
+                     help="YAML run config (see recipes/), or a run directory to resume")
     run.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     run.add_argument("--resume", action="store_true", help="continue an unfinished run")
     run.add_argument("--redo-from", metavar="ITER/STAGE",
@@ -29,6 +30,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--dry-run", action="store_true",
                      help="resolve and validate the config, print the plan, load nothing")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--overwrite", action="store_true",
+                     help="write the run into a non-empty directory that holds no run")
     run.set_defaults(func=_cmd_run)
 
     sample = sub.add_parser("sample", help="sample K responses per prompt to samples.jsonl")
@@ -146,7 +149,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(dump_yaml(cfg), end="")
         print_rows("prefloop run --dry-run", plan(cfg))
         return 0
-    loop = Loop(cfg, progress=not args.quiet)
+    loop = Loop(cfg, progress=not args.quiet, overwrite=args.overwrite)
     try:
         result = loop.run(resume=args.resume, redo_from=args.redo_from)
     except KeyboardInterrupt:
