@@ -414,3 +414,25 @@ def test_a_non_empty_directory_without_a_run_is_not_written_into(world, tmp_path
     with pytest.raises(PrefloopError, match=r"holds no prefloop run .* pass --overwrite"):
         run(_config(world, mine, "iterations=1"), progress=False)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_cut_answers_and_the_judge_are_named_in_the_table_and_the_report(world, tmp_path,
+                                                                           capsys):
+    """Answers cut at max_new_tokens were flagged nowhere, and the report said "reward-model
+    score" when the reward was a Python function."""
+    from prefloop.report import write_report
+
+    run_dir = tmp_path / "run"
+    run(_config(world, run_dir, "iterations=1", "reward.type=function", "reward.model=",
+                "reward.function=tests.reward_functions:length_and_letters",
+                "eval.sampling.max_new_tokens=2"), progress=True)
+    out = capsys.readouterr().out
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert all(m["eos_rate"] < 0.5 for m in metrics)
+    cut = [f"{1 - m['eos_rate']:.0%}" for m in metrics]
+    assert "EOS%" in out
+    assert f"iter 1: warning: {cut[1]} of the eval answers hit eval.sampling." in out
+    page = write_report([run_dir], tmp_path / "report.html").read_text()
+    assert "judged by the reward function tests.reward_functions:length_and_letters" in page
+    assert f"iteration 1: {cut[1]} of the answers hit the token limit" in page
+    assert "reward-model" not in page

@@ -631,6 +631,11 @@ def lc_warnings(
     return out
 
 
+# Below this share of answers that ended with EOS, an evaluation's lengths and KL estimate
+# are of answers cut at the token limit: the loop and the report warn.
+EOS_WARNING = 0.95
+
+
 def format_rate(value: float, decimals: int = 1) -> str:
     """A rate in percent as text with ``decimals`` decimals, unless that would hide it.
 

@@ -649,6 +649,14 @@ class Loop:
             io.write_json(self.it_dir(t) / "eval.json", record)
             self.write_metrics()
             self.echo(format_metrics_row(record, header=t == 0))
+            from prefloop.evaluate import EOS_WARNING
+
+            if record["eos_rate"] < EOS_WARNING:
+                self.echo(f"iter {t}: warning: {1 - record['eos_rate']:.0%} of the eval answers "
+                          f"hit eval.sampling.max_new_tokens ({cfg.eval.sampling.max_new_tokens}"
+                          "): their lengths and the KL estimate are of cut answers")
+            for warning in record.get("lc_warnings", []):
+                self.echo(f"iter {t}: warning: length-controlled win rate: {warning}")
         return {}
 
     def initial_logps(self, rows: list[dict]) -> list[float] | None:
@@ -711,6 +719,8 @@ def evaluate_iteration(t: int, rows: list[dict], baseline: list[dict],
     lc = length_controlled_win_rate(preferences(a, b, "soft"), [r["num_chars"] for r in mine],
                                     [r["num_chars"] for r in base], fit=lc_fit)
     record["lc_win_rate"] = float(lc.lc)
+    if lc.warnings:
+        record["lc_warnings"] = list(lc.warnings)
     record["kl"] = None
     if initial_logps is not None:
         kl, kl_se = kl_estimate([r["logprob"] for r in rows], initial_logps)
@@ -736,16 +746,21 @@ def prompt_clustered_se(rows: list[dict], key: str) -> float | None:
 METRIC_COLUMNS = [
     ("iteration", "iter", "{:d}"), ("mean_reward", "reward", "{:+.3f}"),
     ("gold_accuracy", "gold", "{:.1%}"), ("mean_tokens", "tokens", "{:.1f}"),
-    ("mean_chars", "chars", "{:.0f}"), ("win_rate", "WR%", "{:.1f}"),
-    ("lc_win_rate", "LC%", "{:.1f}"), ("kl", "KL", "{:.2f}"),
+    ("mean_chars", "chars", "{:.0f}"), ("win_rate", "WR%", "rate"),
+    ("lc_win_rate", "LC%", "rate"), ("kl", "KL", "{:.2f}"), ("eos_rate", "EOS%", "{:.0%}"),
 ]
 
 
 def format_metrics_row(record: dict, header: bool = False) -> str:
+    from prefloop.evaluate import format_rate
+
     cells = []
     for key, _, fmt in METRIC_COLUMNS:
         value = record.get(key)
-        cells.append("-" if value is None else fmt.format(value))
+        if value is None:
+            cells.append("-")
+        else:  # a degenerate LC of 1.6e-05 % must not read as 0.0
+            cells.append(format_rate(value) if fmt == "rate" else fmt.format(value))
     line = "  ".join(f"{c:>8}" for c in cells)
     if header:
         head = "  ".join(f"{h:>8}" for _, h, _ in METRIC_COLUMNS)

@@ -63,6 +63,7 @@ METRIC_FIELDS = (
     "win_rate_se",
     "lc_win_rate",
     "kl",
+    "eos_rate",
     "gold_accuracy",
     "alpha",
     "alpha_last",
@@ -88,6 +89,7 @@ class RunData:
     metrics: list[dict[str, Any]]  # sorted by iteration
     samples: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # iteration → rows
     train_logs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # iteration → rows
+    judge: str = "reward model"  # what scored the evaluation: "reward model PATH", …
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(iterations, values) of a metrics field, rows where it is null or absent dropped."""
@@ -116,7 +118,7 @@ def _check_numbers(path: Path, rows: list[dict[str, Any]], keys: Sequence[str]) 
                 )
 
 
-def _run_name(run_dir: Path) -> str:
+def _run_config(run_dir: Path) -> dict[str, Any]:
     config = run_dir / "config.yaml"
     if config.is_file():
         import yaml
@@ -125,9 +127,43 @@ def _run_name(run_dir: Path) -> str:
             data = yaml.safe_load(config.read_text(encoding="utf-8"))
         except yaml.YAMLError:
             data = None
-        if isinstance(data, dict) and isinstance(data.get("name"), str) and data["name"]:
-            return data["name"]
-    return run_dir.resolve().name
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def _run_name(run_dir: Path) -> str:
+    name = _run_config(run_dir).get("name")
+    return name if isinstance(name, str) and name else run_dir.resolve().name
+
+
+# What scored a run's evaluation, by `reward.type`: the words the report uses for its score.
+JUDGE_KINDS = {"model": "reward model", "function": "reward function",
+               "implicit": "implicit DPO reward"}
+
+
+def _run_judge(run_dir: Path) -> str:
+    """The evaluation's judge as the run's config names it (`eval.reward`, else `reward`)."""
+    config = _run_config(run_dir)
+    evaluation = config.get("eval") if isinstance(config.get("eval"), dict) else {}
+    reward = evaluation.get("reward") or config.get("reward") or {}
+    if not isinstance(reward, dict):
+        return JUDGE_KINDS["model"]
+    kind = JUDGE_KINDS.get(reward.get("type", "model"), "reward")
+    what = reward.get("function") if reward.get("type") == "function" else reward.get("model")
+    return f"{kind} {what}" if what else kind
+
+
+def _score_noun(runs: Sequence[RunData]) -> str:
+    """'reward-model score', 'reward-function score', … when every run was judged by the same
+    kind of reward, else 'reward'."""
+    kinds = {next((k for k in JUDGE_KINDS.values() if r.judge.startswith(k)), "reward")
+             for r in runs}
+    if len(kinds) != 1:
+        return "reward"
+    kind = kinds.pop()
+    return {"reward model": "reward-model score", "reward function": "reward-function score",
+            "implicit DPO reward": "implicit-reward score"}.get(kind, "reward")
 
 
 def load_run(run_dir: Path | str) -> RunData:
@@ -171,6 +207,7 @@ def load_run(run_dir: Path | str) -> RunData:
         metrics=metrics,
         samples=dict(sorted(samples.items())),
         train_logs=dict(sorted(train_logs.items())),
+        judge=_run_judge(run_dir),
     )
 
 
@@ -209,7 +246,7 @@ def _plot_reward(runs: Sequence[RunData]):
     for i, run in enumerate(runs):
         xs, ys = run.series("mean_reward")
         ax.plot(xs, ys, "o-", color=_colour(i), label=run.name)
-    ax.set_ylabel("mean reward-model score")
+    ax.set_ylabel(f"mean {_score_noun(runs)}")
     ax.set_title("Reward on the evaluation prompts")
     _iteration_axis(ax)
     ax.legend()
@@ -331,7 +368,7 @@ def _plot_reward_vs_length(runs: Sequence[RunData]):
         ax.set_title(run.name)
         ax.set_xlabel("response length (tokens)")
         ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("reward-model score")
+    axes[0, 0].set_ylabel(_score_noun(runs))
     bar = fig.colorbar(
         ScalarMappable(norm=norm, cmap=cmap),
         ax=list(axes[0]),
@@ -479,7 +516,7 @@ def _plot_quality_vs_length(runs: Sequence[RunData]):
     panels = [key for key in ("gold_accuracy", "mean_reward") if any(r.has(key) for r in runs)]
     if unit is None or not panels:
         return None
-    labels = {"gold_accuracy": "gold accuracy (%)", "mean_reward": "mean reward-model score"}
+    labels = {"gold_accuracy": "gold accuracy (%)", "mean_reward": f"mean {_score_noun(runs)}"}
     fig, axes = _new_figure(5.6 * len(panels), 4.4, 1, len(panels), sharex=True)
     for ax, key in zip(axes[0], panels, strict=True):
         for i, run in enumerate(runs):
@@ -513,7 +550,7 @@ _HEADLINE: tuple[tuple[str, str, Callable[[Sequence[RunData]], Any]], ...] = (
     ),
     (
         "quality_vs_length",
-        _QUALITY_VS_LENGTH_CAPTION + " Left: gold accuracy, the truth; right: the reward-model "
+        _QUALITY_VS_LENGTH_CAPTION + " Left: gold accuracy, the truth; right: the judge's "
         "score the loop optimised. A run that buys reward with length moves right in both "
         "panels but up only on the right.",
         _plot_quality_vs_length,
@@ -521,7 +558,7 @@ _HEADLINE: tuple[tuple[str, str, Callable[[Sequence[RunData]], Any]], ...] = (
 )
 
 _PLOTS: tuple[tuple[str, str, Callable[[Sequence[RunData]], Any]], ...] = (
-    ("reward", "Mean reward-model score per iteration.", _plot_reward),
+    ("reward", "Mean score of the run's judge per iteration.", _plot_reward),
     (
         "length",
         "Mean (solid) and median (dashed) response length per iteration, in tokens and "
@@ -586,19 +623,21 @@ ul.headline-summary { list-style: none; padding-left: 0; font-size: 1.1em;
 .swatch { display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.4em;
           border-radius: 2px; vertical-align: baseline; }
 .up { color: #b03a2e; } .flat { color: #1e8449; }
+.warn { color: #b03a2e; }
 """
 
 _GUIDE = (
     "Each run is an iterative preference-optimisation loop: iteration 0 is the initial (SFT) "
     "policy, and iteration <i>t</i> is the policy after <i>t</i> rounds of sample → score → "
     "pair → train. Every iteration is evaluated on the same held-out prompts: the mean "
-    "reward-model score, the response length in tokens and characters, and the win rate "
-    "against the initial policy judged by the reward model, both raw and length-controlled "
+    "score of the run's judge (named above each run's table: a reward model, a reward "
+    "function or the implicit reward), the response length in tokens and characters, and the "
+    "win rate against the initial policy judged by it, both raw and length-controlled "
     "(LC: the win rate a logistic model of the judge predicts at equal length, as in "
     "AlpacaEval 2). Read the length plot next to the reward plot: reward that rises while "
     "length stays flat, with the LC win rate rising as much as the raw one, is a genuinely "
     "better policy; reward and raw win rate that rise together with length while the LC win "
-    "rate stays near 50 are the reward model's length bias being exploited. Win rates are in "
+    "rate stays near 50 are the judge's length bias being exploited. Win rates are in "
     "percent; ± is one standard error over prompts."
 )
 
@@ -612,6 +651,7 @@ _COLUMNS = (
     ("win_rate", "win rate %", "{:.1f}"),
     ("lc_win_rate", "LC win rate %", "{:.1f}"),
     ("kl", "KL (nats)", "{:.3g}"),
+    ("eos_rate", "EOS rate", "{:.2f}"),
     ("gold_accuracy", "gold accuracy", "{:.3f}"),
     ("length_target", "length target", "{:.1f}"),
     ("alpha", "α first step (lr_dpo)", "{:.4g}"),
@@ -619,11 +659,31 @@ _COLUMNS = (
 )
 
 
+def _warnings(run: RunData) -> list[str]:
+    """Per iteration: answers cut at the token limit, and the LC fit's own warnings."""
+    from prefloop.evaluate import EOS_WARNING
+
+    out = []
+    for row in run.metrics:
+        t, eos = row["iteration"], row.get("eos_rate")
+        if _is_number(eos) and eos < EOS_WARNING:
+            out.append(f"iteration {t}: {1 - eos:.0%} of the answers hit the token limit "
+                       "(max_new_tokens): their lengths, and the KL estimate, are of cut answers")
+        out.extend(f"iteration {t}: length-controlled win rate: {w}"
+                   for w in row.get("lc_warnings") or [])
+    return out
+
+
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
         return "–"
-    text = fmt.format(value)
+    if key in ("win_rate", "lc_win_rate"):
+        from prefloop.evaluate import format_rate
+
+        text = format_rate(value)  # a degenerate 1.6e-05 % is not shown as 0.0
+    else:
+        text = fmt.format(value)
     se = row.get(f"{key}_se")  # the loop writes win_rate_se, kl_se and gold_accuracy_se
     if key in ("win_rate", "kl", "gold_accuracy") and _is_number(se):
         text += " ± " + fmt.format(se)
@@ -767,7 +827,9 @@ def _html_page(
     parts.append("<h2>Per-iteration metrics</h2>")
     for run in runs:
         parts.append(f"<h3>{html.escape(run.name)}</h3>")
+        parts.append(f'<p class="meta">judged by the {html.escape(run.judge)}</p>')
         parts.append(_iteration_table(run))
+        parts.extend(f'<p class="warn">{html.escape(text)}</p>' for text in _warnings(run))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
