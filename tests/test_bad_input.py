@@ -499,10 +499,29 @@ def test_a_reward_function_that_raises_or_takes_the_wrong_arguments(function, me
 def test_a_reward_function_from_a_file_path(tmp_path):
     from prefloop.rewards import FunctionScorer
 
+    # a dataclass needs its module in sys.modules; a file beside it must be importable
+    (tmp_path / "helpers.py").write_text("WEIGHT = -1.0\n")
     (tmp_path / "my_reward.py").write_text(
-        "def shortest(prompts, responses):\n    return [-len(r) for r in responses]\n")
+        "from dataclasses import dataclass\nfrom helpers import WEIGHT\n\n\n@dataclass\n"
+        "class Rule:\n    weight: float\n\n\n"
+        "def shortest(prompts, responses):\n"
+        "    return [Rule(WEIGHT).weight * len(r) for r in responses]\n")
     scorer = FunctionScorer(f"{tmp_path / 'my_reward.py'}:shortest")
     assert scorer.score(["q", "q"], ["ab", "abcd"]) == [-2.0, -4.0]
+
+
+def test_hub_ids_stay_hub_ids(tmp_path, monkeypatch):
+    """A one-word hub id (gpt2) was read as a missing local directory."""
+    from prefloop.errors import PrefloopError
+    from prefloop.models import check_source
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.chdir(tmp_path)
+    check_source("gpt2")
+    check_source("HuggingFaceTB/SmolLM2-135M-Instruct")
+    (tmp_path / "HuggingFaceTB").mkdir()  # a folder of that name here: read as local, said so
+    with pytest.raises(PrefloopError, match="read as a local path because HuggingFaceTB/ exists"):
+        check_source("HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 def test_a_model_directory_without_a_tokenizer(tmp_path, tokenizer, capsys):

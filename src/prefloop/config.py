@@ -355,8 +355,13 @@ def validate_loss(loss: LossConfig) -> None:
     valid = LOSSES[loss.name].defaults
     for key, value in loss.params.items():
         if key not in valid:
+            import difflib
+
+            known = [*valid, *(f.name for f in dataclasses.fields(LossConfig))]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean loss.{close[0]}? " if close else ""
             raise PrefloopError(
-                f"loss.{key}: not a parameter of loss {loss.name!r}; "
+                f"loss.{key}: not a parameter of loss {loss.name!r}; {hint}"
                 f"its parameters: {', '.join(sorted(valid)) or 'none'}"
             )
         if not isinstance(value, int | float) or isinstance(value, bool):
@@ -394,6 +399,9 @@ def validate_length_control(loss: LossConfig) -> None:
     defaults = LengthControlConfig()
     if mode != "target" and (lc.target, lc.rate) != (defaults.target, defaults.rate):
         raise PrefloopError(f"{key}.target and .rate: only for {key}.mode=target, not {mode}")
+    if mode == "fixed" and "alpha" not in loss.params:
+        raise PrefloopError(f"{key}.mode=fixed: give the α, loss.alpha (per unit of "
+                            f"{loss.length_unit[:-1]})")
 
 
 # ---------------------------------------------------------------- building from dicts

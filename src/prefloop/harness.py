@@ -264,7 +264,12 @@ def accumulate_pairs(
                 raise non_finite_loss(loss, step, micro, [items[i].row for i in idx], partial,
                                       output_dir, model, accelerator.is_main_process)
             accelerator.backward(loss)
-        stats = accelerator.gather(stats) if n_proc > 1 else stats
+        if n_proc > 1:
+            # shards may differ by one pair: pad to equal length with NaN rows for the
+            # gather, then drop them (a row's first column is its loss, never NaN here)
+            padded = accelerator.pad_across_processes(stats, dim=0, pad_index=float("nan"))
+            stats = accelerator.gather(padded)
+            stats = stats[~torch.isnan(stats[:, 0])]
         for key, v in zip(sums, stats[:, : len(sums)].sum(0).tolist(), strict=True):
             sums[key] += v
         if per_pair is not None:

@@ -25,7 +25,9 @@ Lagrange multiplier of a length budget: a larger α buys shorter answers. The mo
   over all pairs makes η unit-free (α·d is of order one). The root balances each update; λ
   removes, measured, the drift the balance misses within the run, and stops integrating
   once α is at 0 (no wind-up); c corrects, across iterations, the drift an earlier
-  iteration left (κ = 2: a policy sampled 10 % too long trains with 21 % more α).
+  iteration left (κ = 2: a policy sampled 10 % too long trains with 21 % more α). λ holds
+  the length the run started from; only c pulls towards L*, so a target far from the
+  policy's length is reached over several iterations, not within one.
 
   Why c and not λ for the drift already there: λ follows an estimate that sees only the two
   answers of each pair (it cannot exceed the longer one), so it under-reads growth; driven
@@ -132,6 +134,11 @@ class AlphaController:
         except ValueError:
             if mode == "first_step" or fixed_alpha is None:
                 raise
+            import warnings
+
+            warnings.warn(f"loss.length_control.mode={mode}: no pair has a shorter winner, so "
+                          f"no α is length-neutral; starting from α = {fixed_alpha} (the loss's "
+                          "default) and correcting from there", stacklevel=2)
             root = float(fixed_alpha)
         goal = goal if mode == "target" else None
         first = root * goal.drift_factor if goal is not None else root

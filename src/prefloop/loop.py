@@ -347,12 +347,14 @@ class Loop:
                 raise PrefloopError(f"--redo-from: {redo_from} is past the run's last iteration "
                                     f"({cfg.iterations}); nothing would be redone")
         if manifest is None:
+            # every process refuses alike (a raise on the main one alone would leave the
+            # others waiting at the barrier)
+            if self.dir.is_dir() and any(self.dir.iterdir()) and not self.overwrite:
+                raise PrefloopError(
+                    f"{self.dir}: exists, is not empty and holds no prefloop run "
+                    "(no manifest.json); choose another run_dir, or pass --overwrite to "
+                    "write the run among its files")
             if self.procs.is_main:
-                if self.dir.is_dir() and any(self.dir.iterdir()) and not self.overwrite:
-                    raise PrefloopError(
-                        f"{self.dir}: exists, is not empty and holds no prefloop run "
-                        "(no manifest.json); choose another run_dir, or pass --overwrite to "
-                        "write the run among its files")
                 try:
                     self.dir.mkdir(parents=True, exist_ok=True)
                     io.write_text(self.dir / "config.yaml", dump_yaml(cfg))
@@ -611,7 +613,12 @@ class Loop:
             return sum(r[key] for r in rows) / len(rows)
 
         target = self.cfg.loss.length_control.target or mean_length(1)
-        return LengthGoal(mean_length(t), target)
+        start = mean_length(t)
+        if min(start, target) <= 0:
+            raise PrefloopError(f"loss.length_control: the sampled answers are empty (mean "
+                                f"length {start} {self.cfg.loss.length_unit}, target {target}); "
+                                "no length to hold")
+        return LengthGoal(start, target)
 
     def evaluate(self, t: int) -> dict:
         cfg = self.cfg

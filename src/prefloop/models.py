@@ -21,10 +21,11 @@ def check_source(name_or_path: str) -> None:
     import os
 
     path = Path(name_or_path).expanduser()
-    # a hub id is ORG/NAME; a path whose folder exists here (`tb/nonexist` with a `tb/`) is
-    # a local path with a typo, not a hub id to wait 50 s of retries for
+    # a hub id is NAME or ORG/NAME; a path whose folder exists here (`tb/nonexist` with a
+    # `tb/`) is a local path with a typo, not a hub id to wait 50 s of retries for
+    folder_here = "/" in name_or_path and path.parent.is_dir()
     looks_local = (name_or_path.startswith((".", "/", "~")) or path.exists()
-                   or name_or_path.count("/") != 1 or path.parent.is_dir())
+                   or name_or_path.count("/") > 1 or folder_here)
     if not looks_local:
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
             cached = _in_hub_cache(name_or_path)
@@ -33,7 +34,9 @@ def check_source(name_or_path: str) -> None:
                                     "offline (HF_HUB_OFFLINE) with no cached copy")
         return  # a hub id: `from_pretrained(..., use_safetensors=True)` refuses other weights
     if not path.is_dir():
-        raise PrefloopError(f"{name_or_path}: model directory not found")
+        why = (f" (read as a local path because {path.parent}/ exists here; a hub id "
+               "ORG/NAME is looked up when no such folder does)") if folder_here else ""
+        raise PrefloopError(f"{name_or_path}: model directory not found{why}")
     if not (path / "config.json").is_file():
         raise PrefloopError(f"{name_or_path}: not a model directory (no config.json)")
     if not any(path.glob("*.safetensors")):

@@ -89,7 +89,7 @@ class RunData:
     metrics: list[dict[str, Any]]  # sorted by iteration
     samples: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # iteration → rows
     train_logs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # iteration → rows
-    judge: str = "reward model"  # what scored the evaluation: "reward model PATH", …
+    judge: str = "reward"  # what scored the evaluation: "reward model PATH", …
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(iterations, values) of a metrics field, rows where it is null or absent dropped."""
@@ -145,6 +145,8 @@ JUDGE_KINDS = {"model": "reward model", "function": "reward function",
 def _run_judge(run_dir: Path) -> str:
     """The evaluation's judge as the run's config names it (`eval.reward`, else `reward`)."""
     config = _run_config(run_dir)
+    if not config:
+        return "judge the run did not record (no config.yaml)"
     evaluation = config.get("eval") if isinstance(config.get("eval"), dict) else {}
     reward = evaluation.get("reward") or config.get("reward") or {}
     if not isinstance(reward, dict):

@@ -11,6 +11,7 @@ Every score must be finite; a NaN or inf names the offending sample.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -139,16 +140,7 @@ def import_function(spec: str, key: str = "reward.function") -> Callable:
     if not module_name or not attr:
         raise PrefloopError(f"{key}: {spec!r} is not module:function or file.py:function")
     if module_name.endswith(".py"):
-        path = Path(module_name).expanduser()
-        if not path.is_file():
-            raise PrefloopError(f"{key}: {module_name}: file not found")
-        loader = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(loader)
-        try:
-            loader.loader.exec_module(module)
-        except Exception as e:
-            raise PrefloopError(f"{key}: {module_name} failed to import ({type(e).__name__}: "
-                                f"{e})") from None
+        module = _module_from_file(Path(module_name).expanduser().resolve(), key)
     else:
         try:
             module = importlib.import_module(module_name)
@@ -166,6 +158,30 @@ def import_function(spec: str, key: str = "reward.function") -> Callable:
     except ValueError:  # a builtin without a signature: let the call decide
         pass
     return fn
+
+
+@functools.cache
+def _module_from_file(path: Path, key: str):
+    """The module of a `.py` file, imported once per process like an installed one: under a
+    name of its own in `sys.modules` (dataclasses need it) with its folder importable (for
+    the files beside it)."""
+    import sys
+
+    if not path.is_file():
+        raise PrefloopError(f"{key}: {path}: file not found")
+    name = f"prefloop_user_{path.stem}_{abs(hash(str(path))):x}"
+    loader = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(loader)
+    sys.modules[name] = module
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    try:
+        loader.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise PrefloopError(f"{key}: {path} failed to import ({type(e).__name__}: {e})") \
+            from None
+    return module
 
 
 def call_function(fn: Callable, spec: str, prompts: Sequence[Text],
