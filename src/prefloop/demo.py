@@ -25,6 +25,7 @@ import numpy as np
 from prefloop import testbed
 from prefloop.errors import PrefloopError
 from prefloop.io import write_jsonl
+from prefloop.length_control import LENGTH_BAND
 
 
 @dataclass
@@ -459,7 +460,6 @@ def longer_preferred(rows: Sequence[dict]) -> tuple[float, int]:
 # SFT at the last iteration; iLR-DPO within this band of SFT's length at every iteration, and
 # at least this many gold points over SFT, and no more than this many below iDPO.
 IDPO_MIN_GROWTH = 1.4
-LENGTH_BAND = 0.10
 GOLD_GAIN = 8.0
 GOLD_SLACK = 2.0
 

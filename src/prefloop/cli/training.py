@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from prefloop.cli.common import OVERRIDES_HELP, print_rows
-from prefloop.harness import refuse_existing_output
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +43,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from prefloop.trainer import train_preferences
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    from prefloop.harness import refuse_existing_output
+
     refuse_existing_output(cfg.output_dir, args.overwrite)
     result = train_preferences(cfg, progress=not args.quiet)
     if not result.is_main_process:
@@ -75,6 +76,8 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     from prefloop.sft import SFTConfig, train_sft
 
     cfg = load_config(SFTConfig, args.config, args.overrides)
+    from prefloop.harness import refuse_existing_output
+
     refuse_existing_output(cfg.output_dir, args.overwrite)
     result = train_sft(cfg, progress=not args.quiet)
     if not result.is_main_process:
@@ -97,6 +100,8 @@ def _cmd_reward_model(args: argparse.Namespace) -> int:
     from prefloop.reward_training import RewardModelConfig, train_reward_model
 
     cfg = load_config(RewardModelConfig, args.config, args.overrides)
+    from prefloop.harness import refuse_existing_output
+
     refuse_existing_output(cfg.output_dir, args.overwrite)
     result = train_reward_model(cfg, progress=not args.quiet)
     if not result.is_main_process:
