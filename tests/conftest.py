@@ -69,3 +69,26 @@ def pref_file(tmp_path_factory):
         return write_jsonl(path, synthetic_preferences(n, seed=seed, chat=chat))
 
     return make
+
+
+def mixed_length_pairs(n: int) -> list[dict]:
+    """Preference rows whose winners are longer by some words in 3 pairs of 4 and shorter in
+    the 4th, so a length-neutral α exists (lr_dpo's length-control tests)."""
+    return [{"prompt": f"What is {i} plus {i}?",
+             "chosen": f"{i} plus {i} is {2 * i}." + (" I checked it twice." * (1 + i % 3)
+                                                       if i % 4 else ""),
+             "rejected": f"The sum is {2 * i + 1}." + ("" if i % 4 else " Sure, here it is.")}
+            for i in range(n)]
+
+
+def write_loop_world(d, tokenizer) -> None:
+    """The loop tests' reward model and prompt files in `d` (the policy is the caller's)."""
+    from prefloop.tiny import build_reward_model, save_pretrained_pair, synthetic_preferences
+
+    save_pretrained_pair(build_reward_model("llama", tokenizer, "nano", seed=1), tokenizer,
+                         d / "rm")
+    rows = synthetic_preferences(40, seed=5, chat=True)
+    write_jsonl(d / "prompts.jsonl", [{"prompt": r["prompt"], "id": f"p{i}"}
+                                      for i, r in enumerate(rows)])
+    write_jsonl(d / "eval.jsonl", [{"prompt": r["prompt"]} for r in
+                                   synthetic_preferences(6, seed=9, chat=True)])

@@ -136,14 +136,9 @@ def test_the_mode_in_force(overrides, mode):
 @pytest.mark.usefixtures("one_torch_thread")
 def test_training_records_alpha_and_the_length_estimate_of_every_step(model_dir, tmp_path):
     from prefloop.trainer import train_preferences
-    from tests.conftest import write_jsonl
+    from tests.conftest import mixed_length_pairs, write_jsonl
 
-    rows = [{"prompt": f"What is {i} plus {i}?",
-             "chosen": f"{i} plus {i} is {2 * i}." + (" I checked it twice." * (1 + i % 3)
-                                                       if i % 4 else ""),
-             "rejected": f"The sum is {2 * i + 1}." + ("" if i % 4 else " Sure, here it is.")}
-            for i in range(16)]
-    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    data = write_jsonl(tmp_path / "prefs.jsonl", mixed_length_pairs(16))
     cfg = load_config(TrainConfig, None, [
         f"model={model_dir('llama')}", f"data.path={data}", f"output_dir={tmp_path / 'out'}",
         "training.lr=5e-3", "training.batch_size=4", "training.max_steps=6",

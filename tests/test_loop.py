@@ -16,7 +16,7 @@ import yaml
 from prefloop.data import read_jsonl
 from prefloop.errors import PrefloopError
 from prefloop.loop import load_run_config, run
-from tests.conftest import write_jsonl
+from tests.conftest import write_loop_world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,22 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tokenizer):
     """A policy, a reward model and prompt files, saved once for the module."""
-    from prefloop.tiny import (
-        build_causal_lm,
-        build_reward_model,
-        save_pretrained_pair,
-        synthetic_preferences,
-    )
+    from prefloop.tiny import build_causal_lm, save_pretrained_pair
 
     d = tmp_path_factory.mktemp("world")
     save_pretrained_pair(build_causal_lm("llama", tokenizer, "micro"), tokenizer, d / "policy")
-    save_pretrained_pair(build_reward_model("llama", tokenizer, "nano", seed=1), tokenizer,
-                         d / "rm")
-    rows = synthetic_preferences(40, seed=5, chat=True)
-    write_jsonl(d / "prompts.jsonl", [{"prompt": r["prompt"], "id": f"p{i}"}
-                                      for i, r in enumerate(rows)])
-    write_jsonl(d / "eval.jsonl", [{"prompt": r["prompt"]} for r in
-                                   synthetic_preferences(6, seed=9, chat=True)])
+    write_loop_world(d, tokenizer)
     return d
 
 

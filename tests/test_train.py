@@ -16,7 +16,7 @@ from prefloop.data import load_preferences, tokenize_pairs
 from prefloop.logprobs import LAYOUTS, ResponseLogProbs, collate_pairs, sum_by_sequence
 from prefloop.losses import LOSSES
 from prefloop.trainer import pair_logps_no_grad, train_preferences
-from tests.conftest import write_jsonl
+from tests.conftest import mixed_length_pairs, write_jsonl
 
 
 def _config(model: str, data: str, out: Path, *extra: str) -> TrainConfig:
@@ -135,12 +135,7 @@ def test_auto_alpha_trains_with_the_length_neutral_alpha_of_the_pairs(model_dir,
     from prefloop.losses import length_neutral_alpha
 
     # winners longer by several words in 9 pairs of 12, shorter in the other 3
-    rows = [{"prompt": f"What is {i} plus {i}?",
-             "chosen": f"{i} plus {i} is {2 * i}." + (" I checked it twice." * (1 + i % 3)
-                                                       if i % 4 else ""),
-             "rejected": f"The sum is {2 * i + 1}." + ("" if i % 4 else " Sure, here it is.")}
-            for i in range(12)]
-    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    data = write_jsonl(tmp_path / "prefs.jsonl", mixed_length_pairs(12))
     pairs, _ = tokenize_pairs(load_preferences(data), tokenizer)
     gaps = torch.tensor([float(len(p.chosen_ids) - len(p.rejected_ids)) for p in pairs])
     assert (gaps > 0).sum() == 9 and (gaps < 0).sum() == 3

@@ -33,7 +33,7 @@ from prefloop.data import read_jsonl
 from prefloop.errors import PrefloopError
 from prefloop.sampling import PromptRecord
 from prefloop.vllm_sampler import engine_processes
-from tests.conftest import write_jsonl
+from tests.conftest import write_loop_world
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_vllm = pytest.mark.skipif(
@@ -276,16 +276,8 @@ def test_a_head_size_vllm_cpu_cannot_run_is_refused_before_an_engine_starts(mode
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tokenizer, policy) -> Path:
     """test_loop's world with the head-size-32 policy."""
-    from prefloop.tiny import build_reward_model, save_pretrained_pair, synthetic_preferences
-
     d = tmp_path_factory.mktemp("vllm-world")
-    save_pretrained_pair(build_reward_model("llama", tokenizer, "nano", seed=1), tokenizer,
-                         d / "rm")
-    rows = synthetic_preferences(40, seed=5, chat=True)
-    write_jsonl(d / "prompts.jsonl", [{"prompt": r["prompt"], "id": f"p{i}"}
-                                      for i, r in enumerate(rows)])
-    write_jsonl(d / "eval.jsonl", [{"prompt": r["prompt"]} for r in
-                                   synthetic_preferences(6, seed=9, chat=True)])
+    write_loop_world(d, tokenizer)
     return d
 
 

@@ -148,16 +148,33 @@ class AlphaController:
         first = root * goal.drift_factor if goal is not None else root
         return cls(mode, first, chosen, rejected, goal, rate, root=root)
 
-    def after_step(self, index: Tensor, h: Tensor, beta: float) -> dict[str, float]:
+    @property
+    def adapts(self) -> bool:
+        """Whether α moves during the run (and so needs each step's pairs' h)."""
+        return self.mode in ("per_step", "target")
+
+    def summary(self) -> dict[str, float | str]:
+        """The run's α in one record: mode, first / last / mean α over the steps, and the
+        start length and target of the target mode (train_summary.json, the manifest)."""
+        steps = self.history or [self.alpha]
+        out: dict[str, float | str] = {"mode": self.mode, "alpha_first": steps[0],
+                                       "alpha_last": steps[-1],
+                                       "alpha_mean": sum(steps) / len(steps)}
+        if self.goal is not None:
+            out.update(start_length=self.goal.start, target_length=self.goal.target)
+        return out
+
+    def after_step(self, index: Tensor | None = None, h: Tensor | None = None,
+                   beta: float = 0.1) -> dict[str, float]:
         """Record the α the step used and set the next step's. `index`/`h`: the step's pairs
-        (their positions in the run's pairs, and h), gathered over processes, so that every
-        process agrees. Under `per_step` and `target`, the root at margins β·h over all
-        pairs (each with its latest h); under `target` times c, plus λ moved by the dual
-        update on the length estimate over all pairs; α ≥ 0. Returns the step's log fields:
-        α used, and L̂, L* and λ under `target`."""
+        (their positions in the run's pairs, and h), gathered over processes so that every
+        process agrees; not needed when α does not adapt. Under `per_step` and `target`, the
+        root at margins β·h over all pairs (each with its latest h); under `target` times c,
+        plus λ moved by the dual update on the length estimate over all pairs; α ≥ 0.
+        Returns the step's log fields: α used, and L̂, L* and λ under `target`."""
         record = {"alpha": self.alpha}
         self.history.append(self.alpha)
-        if self.mode not in ("per_step", "target"):
+        if not self.adapts:
             return record
         self.h[index.long().cpu()] = h.detach().to("cpu", torch.float64)
         with contextlib.suppress(ValueError):  # no shorter winner at all: keep the last root

@@ -585,20 +585,21 @@ class Loop:
         info = {"steps": result.steps, "pairs": len(pairs), "truncation": stats.as_dict(),
                 "final_loss": last["loss"], "final_accuracy": last["accuracy"],
                 "reference_seconds": round(result.reference_seconds, 3)}
-        if result.alpha_steps:
-            steps = result.alpha_steps
-            info.update(alpha=steps[0], alpha_last=steps[-1],
-                        alpha_mean=sum(steps) / len(steps), alpha_mode=cfg.loss.alpha_mode)
+        if result.length_control:
+            lc = result.length_control  # recorded as: alpha (first step), alpha_last, …
+            info.update(alpha=lc["alpha_first"], alpha_last=lc["alpha_last"],
+                        alpha_mean=lc["alpha_mean"], alpha_mode=lc["mode"],
+                        **{k: lc[k] for k in ("start_length", "target_length") if k in lc})
             unit = cfg.loss.length_unit[:-1]
-            text = {"fixed": f"α = {steps[0]:.4g} per {unit} (fixed)",
-                    "first_step": f"α = {steps[0]:.4g} per {unit} (length-neutral first step)"}
-            changing = (f"α {steps[0]:.4g} → {steps[-1]:.4g} per {unit} (mean "
-                        f"{info['alpha_mean']:.4g}, {cfg.loss.alpha_mode})")
+            text = {"fixed": f"α = {lc['alpha_first']:.4g} per {unit} (fixed)",
+                    "first_step": f"α = {lc['alpha_first']:.4g} per {unit} (length-neutral "
+                                  "first step)"}
+            changing = (f"α {lc['alpha_first']:.4g} → {lc['alpha_last']:.4g} per {unit} (mean "
+                        f"{lc['alpha_mean']:.4g}, {lc['mode']})")
             if goal is not None:
-                info.update(start_length=goal.start, target_length=goal.target)
                 changing += (f"; sampled at {goal.start:.1f} {cfg.loss.length_unit}, "
                              f"target {goal.target:.1f}")
-            self.echo(f"iter {t}: " + text.get(cfg.loss.alpha_mode, changing))
+            self.echo(f"iter {t}: " + text.get(lc["mode"], changing))
         return info
 
     def length_goal(self, t: int):
@@ -646,12 +647,11 @@ class Loop:
             initial_logps = self.initial_logps(rows) if t else None
             record = evaluate_iteration(t, rows, baseline, initial_logps, cfg.eval.lc_fit)
             trained = self.manifest.data["stages"].get(stage_key(t, "train"), {}) if t else {}
-            for key, name in (("alpha", "alpha"), ("alpha_last", "alpha_last"),
-                              ("alpha_mean", "alpha_mean"), ("target_length", "length_target")):
-                if key in trained:
-                    record[name] = trained[key]
+            record.update({k: trained[k] for k in ("alpha", "alpha_last", "alpha_mean")
+                           if k in trained})
             if "target_length" in trained:
-                record["length_target_unit"] = cfg.loss.length_unit
+                record.update(length_target=trained["target_length"],
+                              length_target_unit=cfg.loss.length_unit)
             io.write_jsonl(self.it_dir(t) / "eval_samples.jsonl", rows)
             io.write_json(self.it_dir(t) / "eval.json", record)
             self.write_metrics()

@@ -54,6 +54,7 @@ class TrainResult:
     reference_seconds: float = 0.0  # the cached no-grad reference/teacher passes
     loss_params: dict = field(default_factory=dict)  # as trained; α: its first step's
     alpha_steps: list[float] = field(default_factory=list)  # lr_dpo's α at every step
+    length_control: dict = field(default_factory=dict)  # lr_dpo: AlphaController.summary()
 
     @property
     def total_seconds(self) -> float:
@@ -207,6 +208,12 @@ def batch_logps(
 
 # ---------------------------------------------------------------- the training run
 
+# The per-pair statistics of a micro-batch, in the columns `forward` stacks: their step means
+# go to train_log.jsonl. lr_dpo's adapting α adds two columns after them (ALPHA_INPUTS).
+STATS = ("loss", "chosen_reward", "rejected_reward", "accuracy", "chosen_logps",
+         "rejected_logps", "chosen_length", "rejected_length")
+ALPHA_INPUTS = ("pair_index", "h")
+
 
 @harness.guard_output
 def train_preferences(
@@ -290,7 +297,7 @@ def train_preferences(
         logps = batch_logps(wrapped, batch, pairs, idx, spec, cfg.loss.length_unit, cache,
                             reference)
         h = []
-        if alpha is not None:  # each pair's index and h, for the next step's α
+        if alpha is not None and alpha.adapts:  # ALPHA_INPUTS, for the next step's α
             h = [torch.tensor(idx, dtype=torch.float32, device=device),
                  ((logps.policy_chosen - logps.ref_chosen)
                   - (logps.policy_rejected - logps.ref_rejected)).detach().float()]
@@ -301,12 +308,10 @@ def train_preferences(
             (out.chosen_rewards > out.rejected_rewards).float(),
             logps.policy_chosen.detach().float(), logps.policy_rejected.detach().float(),
             logps.chosen_lengths.float(), logps.rejected_lengths.float(), *h,
-        ], dim=1)  # (b, 8), and index and h as 9th and 10th columns for lr_dpo's α
+        ], dim=1)  # (b, len(STATS)), then ALPHA_INPUTS when α adapts
 
     for step in range(1, total_steps + 1):
-        sums = {k: 0.0 for k in ("loss", "chosen_reward", "rejected_reward", "accuracy",
-                                 "chosen_logps", "rejected_logps", "chosen_length",
-                                 "rejected_length")}
+        sums = dict.fromkeys(STATS, 0.0)
         per_pair: list[Tensor] = []
         epoch, step_pairs = harness.accumulate_pairs(
             accelerator, wrapped, stream, t_cfg.grad_accum, pairs, forward, sums, step, partial,
@@ -321,8 +326,8 @@ def train_preferences(
         record = {k: v / step_pairs for k, v in sums.items()}
         record["margin"] = record["chosen_reward"] - record["rejected_reward"]
         if alpha is not None:  # α of the next step, from this step's pairs (every process)
-            rows = torch.cat(per_pair).double()  # (step pairs, 10)
-            record.update(alpha.after_step(rows[:, 8], rows[:, 9], loss_params["beta"]))
+            inputs = torch.cat(per_pair).double()[:, len(STATS):].T  # ALPHA_INPUTS, if any
+            record.update(alpha.after_step(*inputs, beta=loss_params["beta"]))
             loss_params["alpha"] = alpha.alpha
         record.update(step=step, epoch=epoch, lr=lr,
                       grad_norm=float(grad_norm), pairs=pairs_seen,
@@ -352,17 +357,13 @@ def train_preferences(
             "total_parameters": params_total, "config_hash": config_hash(cfg),
         }
         if alpha is not None:
-            summary["length_control"] = {
-                "mode": alpha.mode, "alpha_first": alpha.history[0], "alpha_last":
-                alpha.history[-1], "alpha_mean": sum(alpha.history) / len(alpha.history),
-                **({"start_length": alpha.goal.start, "target_length": alpha.goal.target}
-                   if alpha.goal else {}),
-            }
+            summary["length_control"] = alpha.summary()
         harness.write_summary(partial, summary, cfg)
         harness.finish_output(partial, output_dir)
     accelerator.wait_for_everyone()
     if cfg.report_to:
         accelerator.end_training()
     return TrainResult(output_dir, total_steps, pairs_seen, seconds, log.records, truncation, main,
-                       reference_seconds, first_params, alpha.history if alpha else [])
+                       reference_seconds, first_params, alpha.history if alpha else [],
+                       alpha.summary() if alpha else {})
 
