@@ -354,6 +354,7 @@ class Loop:
                     f"{self.dir}: exists, is not empty and holds no prefloop run "
                     "(no manifest.json); choose another run_dir, or pass --overwrite to "
                     "write the run among its files")
+            self.procs.barrier()  # every process has looked before the main one writes
             if self.procs.is_main:
                 try:
                     self.dir.mkdir(parents=True, exist_ok=True)
