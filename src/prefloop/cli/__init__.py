@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from prefloop.cli import demo, derive, evaluation, info, stages, training
-from prefloop.cli.common import quiet_libraries
+from prefloop.cli.common import close_process_group, quiet_libraries
 from prefloop.errors import PrefloopError
 
 
@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     if getattr(args, "quiet", False):
         quiet_libraries()
+    succeeded = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        succeeded = True
+        return code
     except PrefloopError as e:
         print(f"prefloop: error: {e}", file=sys.stderr)
         return 2
@@ -67,4 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"prefloop: {e or 'interrupted'}", file=sys.stderr)
         return 130
+    finally:
+        close_process_group(succeeded)
 

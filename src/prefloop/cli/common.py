@@ -61,3 +61,17 @@ def quiet_libraries() -> None:
         from transformers.utils import logging
 
         logging.disable_progress_bar()
+
+
+def close_process_group(succeeded: bool) -> None:
+    """Tear down torch.distributed before the interpreter exits. Left to interpreter shutdown,
+    gloo's threads can be destroyed while joinable and abort the process ("terminate called
+    without an active exception") after the command itself succeeded. After a success every
+    process meets once first, so none tears down what another still uses; after a failure
+    the others may never arrive, so there is no meeting."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if succeeded:
+        dist.barrier()
+    dist.destroy_process_group()
