@@ -115,14 +115,14 @@ def prefs(tmp_path: Path, rows: list, name: str = "prefs.jsonl") -> Path:
 def test_bad_preference_row_names_file_row_and_field(models, tmp_path, capsys, row, field,
                                                      text):
     data = prefs(tmp_path, [GOOD, GOOD, row])
-    fails(capsys, train(models, data, tmp_path / "out"), f"{data}, row 2, field {field!r}",
+    fails(capsys, train(models, data, tmp_path / "out"), f"{data}, line 3, field {field!r}",
           text, out=tmp_path / "out")
 
 
 def test_mapped_column_that_does_not_exist(models, tmp_path, capsys):
     data = prefs(tmp_path, [GOOD, GOOD])
     fails(capsys, train(models, data, tmp_path / "out", "data.chosen_column=good"),
-          f"{data}, row 0, field 'good'", "missing column", out=tmp_path / "out")
+          f"{data}, line 1, field 'good'", "missing column", out=tmp_path / "out")
 
 
 def test_malformed_jsonl_line_reports_its_line_number(models, tmp_path, capsys):
@@ -155,7 +155,7 @@ def test_json_list_with_a_broken_line(models, tmp_path, capsys):
 
 def test_mixed_plain_and_conversational_rows(models, tmp_path, capsys):
     data = prefs(tmp_path, [GOOD, CHAT])
-    fails(capsys, train(models, data, tmp_path / "out"), f"{data}, row 1",
+    fails(capsys, train(models, data, tmp_path / "out"), f"{data}, line 2",
           "mixes plain-text and conversational rows", out=tmp_path / "out")
 
 
@@ -171,14 +171,14 @@ def test_missing_and_empty_data_files(models, tmp_path, capsys):
 def test_conversational_data_needs_a_chat_template(models, tmp_path, capsys):
     data = prefs(tmp_path, [CHAT, CHAT])
     fails(capsys, train(models, data, tmp_path / "out", model=models["no_template"]),
-          f"{data}, row 0, field 'prompt'", "chat template", out=tmp_path / "out")
+          f"{data}, line 1, field 'prompt'", "chat template", out=tmp_path / "out")
 
 
 def test_token_id_rows_are_checked(models, tmp_path, capsys):
     row = {"prompt_ids": [5, 6], "chosen_ids": [7, 1], "rejected_ids": "8 9",
            "prompt": "q", "chosen": "a", "rejected": "b"}
     data = prefs(tmp_path, [row, {**row, "rejected_ids": [8, 10**6]}])
-    fails(capsys, train(models, data, tmp_path / "out"), f"{data}, row 0, field 'rejected_ids'",
+    fails(capsys, train(models, data, tmp_path / "out"), f"{data}, line 1, field 'rejected_ids'",
           "list of token ids", out=tmp_path / "out")
 
 
@@ -193,7 +193,7 @@ def test_too_long_with_truncation_error_names_the_row(models, tmp_path, capsys):
     data = prefs(tmp_path, [GOOD, *_long_rows(1)])
     fails(capsys, train(models, data, tmp_path / "out", "data.truncation=error",
                         "data.max_length=64", "data.max_prompt_length=32"),
-          f"{data}, row 1", "exceed max_prompt_length=32", "data.truncation",
+          f"{data}, line 2", "exceed max_prompt_length=32", "data.truncation",
           out=tmp_path / "out")
 
 
@@ -305,12 +305,12 @@ def test_nan_reward_names_the_row_even_in_a_later_chunk(tmp_path, capsys):
     out = tmp_path / "scored.jsonl"
     # --batch-size 1 scores in chunks of 4: row 5 is the second of the second chunk
     fails(capsys, score(samples, out, "tests.test_bad_input:nan_at_five", "--batch-size", "1"),
-          f"{samples}, row 5, field 'response'", "nan", "finite", out=out)
+          f"{samples}, line 6, field 'response'", "nan", "finite", out=out)
 
 
 @pytest.mark.parametrize("function, expected", [
-    ("inf_everywhere", ["row 0, field 'response'", "inf"]),
-    ("words", ["row 0, field 'response'", "'high'", "finite number"]),
+    ("inf_everywhere", ["line 1, field 'response'", "inf"]),
+    ("words", ["line 1, field 'response'", "'high'", "finite number"]),
     ("one_score_only", ["returned 1 scores for 3 responses"]),
     ("no_such_function", ["has no function 'no_such_function'"]),
 ], ids=["inf", "not-a-number", "wrong-count", "missing-function"])
@@ -333,7 +333,7 @@ def test_samples_missing_a_field(tmp_path, capsys):
                                                          {"prompt": "q"}]))
     out = tmp_path / "scored.jsonl"
     fails(capsys, score(path, out, "tests.reward_functions:constant"),
-          f"{path}, row 1, field 'response': missing", out=out)
+          f"{path}, line 2, field 'response': missing", out=out)
 
 
 def _scored(i: int, score: float | None, response: str = "ab") -> dict:
@@ -353,7 +353,7 @@ def test_all_scores_tied_gives_no_pairs_and_a_clear_error(tmp_path, capsys):
 def test_scored_row_without_a_score(tmp_path, capsys):
     scored = Path(write_jsonl(tmp_path / "scored.jsonl", [_scored(0, 1.0), _scored(1, None)]))
     out = tmp_path / "pairs.jsonl"
-    fails(capsys, ["pair", str(scored), "--out", str(out)], f"{scored}, row 1, field 'score'",
+    fails(capsys, ["pair", str(scored), "--out", str(out)], f"{scored}, line 2, field 'score'",
           "missing", out=out)
 
 
@@ -543,3 +543,16 @@ def test_a_local_path_with_a_typo_fails_at_once(tmp_path, monkeypatch, capsys):
                    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q"}]), "--out", "s.jsonl"],
           "tb/nonexist: model directory not found")
     assert time.perf_counter() - start < 5
+
+
+def test_jsonl_errors_count_file_lines_from_one(tmp_path, capsys):
+    """One convention: a JSON error and a missing field both name the 1-based file line
+    (blank lines counted), and a JSON error's position is a character, not a column."""
+    path = tmp_path / "samples.jsonl"
+    path.write_text('{"prompt": "q", "response": "a"}\n\n{"prompt": "q"}\n')
+    out = tmp_path / "scored.jsonl"
+    fails(capsys, score(path, out, "tests.reward_functions:constant"),
+          f"{path}, line 3, field 'response': missing", out=out)
+    path.write_text('{"prompt": "q", "response": "a"}\n{"prompt": "q" "response": "b"}\n')
+    fails(capsys, score(path, out, "tests.reward_functions:constant"),
+          f"{path}, line 2: not valid JSON", "at character 16", out=out)

@@ -142,7 +142,7 @@ def test_bad_input_is_one_line_with_nonzero_exit(files, tmp_path, capsys):
     assert main(["score", str(nan), "--reward-function", "tests.reward_functions:not_a_number",
                  "--out", str(tmp_path / "o.jsonl")]) == 2
     err = capsys.readouterr().err
-    assert f"{nan}, row 0, field 'response'" in err and "nan (must be a finite number)" in err
+    assert f"{nan}, line 1, field 'response'" in err and "nan (must be a finite number)" in err
     assert main(["train", "loss.name=nope", "model=x", "data.path=y"]) == 2
     assert "valid losses" in capsys.readouterr().err
 
@@ -180,8 +180,8 @@ def test_grad_accumulation_matches_a_bigger_batch(model_dir, pref_file, tmp_path
 
 def test_beam_search_and_greedy_sampling(files):
     from prefloop.config import SamplingConfig
-    from prefloop.loop import PromptsConfig, load_prompts
-    from prefloop.stages import sample_prompts
+    from prefloop.prompts import PromptsConfig, load_prompts
+    from prefloop.workers import sample_prompts
 
     prompts = load_prompts(PromptsConfig(path=str(files / "prompts.jsonl")))[:2]
     policy = str(files / "policy")
@@ -241,7 +241,8 @@ def test_a_small_reward_model_is_loaded_once_across_scoring_calls(model_dir, mon
     small one stays loaded; a new reward or rewritten weights load again."""
     import os
 
-    from prefloop import rewards, stages
+    from prefloop import rewards
+    from prefloop import workers as stages
     from prefloop.config import RewardConfig
 
     loads = []
@@ -253,18 +254,20 @@ def test_a_small_reward_model_is_loaded_once_across_scoring_calls(model_dir, mon
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(rewards, "RewardModelScorer", Counting)
-    monkeypatch.setattr(stages, "_kept_scorer", None)
+    kept = stages.ScorerCache()
     rows = [{"prompt": "What is 1 plus 2?\n", "response": r} for r in ("3", "It is 3.", "4")]
     rm = model_dir("llama")  # a causal LM directory loads as a 1-label classifier
-    first = stages.score_rows(rows, RewardConfig(type="model", model=rm))
-    again = stages.score_rows(rows, RewardConfig(type="model", model=rm))
+    first = stages.score_rows(rows, RewardConfig(type="model", model=rm), scorers=kept)
+    again = stages.score_rows(rows, RewardConfig(type="model", model=rm), scorers=kept)
     assert first == again and len(loads) == 1
-    stages.score_rows(rows, RewardConfig(type="model", model=rm, batch_size=2))
+    stages.score_rows(rows, RewardConfig(type="model", model=rm, batch_size=2), scorers=kept)
     assert len(loads) == 2  # another reward config: loaded anew
     weights = os.path.join(rm, "model.safetensors")
     os.utime(weights, ns=(os.stat(weights).st_atime_ns, os.stat(weights).st_mtime_ns + 10**9))
-    stages.score_rows(rows, RewardConfig(type="model", model=rm, batch_size=2))
+    stages.score_rows(rows, RewardConfig(type="model", model=rm, batch_size=2), scorers=kept)
     assert len(loads) == 3  # the weights were rewritten: loaded anew
+    stages.score_rows(rows, RewardConfig(type="model", model=rm, batch_size=2))
+    assert len(loads) == 4  # without a cache nothing is kept between calls
 
 
 def test_scoring_encodes_the_next_chunk_while_the_model_scores_this_one(model_dir, monkeypatch):
@@ -272,10 +275,11 @@ def test_scoring_encodes_the_next_chunk_while_the_model_scores_this_one(model_di
     passes: same scores, in row order, as scoring every row in one call."""
     import threading
 
-    from prefloop import rewards, stages
+    from prefloop import rewards
+    from prefloop import workers as stages
     from prefloop.config import RewardConfig
 
-    monkeypatch.setattr(stages, "_kept_scorer", None)
+    kept = stages.ScorerCache()
     rows = [{"prompt": f"What is {i} plus 2?\n", "response": "It is " + "so " * (i % 5)}
             for i in range(23)]
     firsts = [rows[0]["prompt"], rows[8]["prompt"], rows[16]["prompt"]]  # chunks 8, 8, 7
@@ -300,12 +304,12 @@ def test_scoring_encodes_the_next_chunk_while_the_model_scores_this_one(model_di
     monkeypatch.setattr(rewards.RewardModelScorer, "encode", logged_encode)
     monkeypatch.setattr(rewards.RewardModelScorer, "score_encoded", logged_score)
     scores = stages.score_rows(rows, RewardConfig(type="model", model=model_dir("llama"),
-                                                  batch_size=2))
+                                                  batch_size=2), scorers=kept)
     assert overlapped == [True, True, True]
     assert all(t is not threading.main_thread() for t in threads.values())
     # the same loaded model (a causal LM's score head is new at every load), kept for reuse
     monkeypatch.setattr(rewards.RewardModelScorer, "score_encoded", score_encoded)
-    whole = stages._kept_scorer[1].score([r["prompt"] for r in rows],
+    whole = kept.scorer.score([r["prompt"] for r in rows],
                                          [r["response"] for r in rows])
     assert scores == pytest.approx(whole, abs=1e-5)
 

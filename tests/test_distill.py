@@ -122,8 +122,8 @@ def test_pairs_are_teacher_sample_k_over_student_sample_k():
 def test_cli_pairs_teacher_answers_with_student_answers_and_trains(files, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from prefloop.loop import PromptsConfig, load_prompts
-    from prefloop.stages import sample_prompts
+    from prefloop.prompts import PromptsConfig, load_prompts
+    from prefloop.workers import sample_prompts
 
     out = tmp_path / "distilled"
     assert main(["distill", "--student", str(files / "student"), "--teacher",

@@ -549,7 +549,7 @@ def test_cli_difficulty_errors_name_file_row_and_field(scored_files, tmp_path, c
     paths, _ = scored_files
     assert main(["evaluate", paths["a"], paths["b"], "--difficulty-column", "level"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"prefloop: error: {paths['a']}, row 0, field 'level': missing for prompt_id "
+    assert err == (f"prefloop: error: {paths['a']}, line 1, field 'level': missing for prompt_id "
                    f"'p0' (also looked in {paths['b']})")
     rows = [json.loads(x) for x in Path(paths["prompts"]).read_text().splitlines()]
     rows[3]["level"] = "hard"
@@ -558,7 +558,7 @@ def test_cli_difficulty_errors_name_file_row_and_field(scored_files, tmp_path, c
     assert main(["evaluate", paths["a"], paths["b"], "--difficulty-column", "level",
                  "--prompts", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"prefloop: error: {bad}, row 3, field 'level': expected a number, got 'hard'"
+    assert err == f"prefloop: error: {bad}, line 4, field 'level': expected a number, got 'hard'"
     assert len(err.splitlines()) == 1
 
 
@@ -638,13 +638,13 @@ def test_prompt_numbers_by_id_or_row_number():
     assert prompt_numbers("d", ["q0", "1"], sources).tolist() == [2.0, 1.5]
     # a file with prompt_id fields is matched by them, not by row number
     assert prompt_numbers("d", ["1"], [("p.jsonl", by_id)]).tolist() == [7.0]
-    with pytest.raises(PrefloopError, match=r"r\.jsonl, row 0, field 'd': missing for prompt_id "
+    with pytest.raises(PrefloopError, match=r"r\.jsonl, row 1, field 'd': missing for prompt_id "
                                             r"'1' \(also looked in p\.jsonl\)"):
         prompt_numbers("d", ["1"], [("r.jsonl", responses), ("p.jsonl", by_id[1:])])
-    with pytest.raises(PrefloopError, match=r"r\.jsonl, row 1, field 'd': expected a number, got "
+    with pytest.raises(PrefloopError, match=r"r\.jsonl, row 2, field 'd': expected a number, got "
                                             "True"):
         prompt_numbers("d", ["q0"], [("r.jsonl", [{"prompt_id": "q1", "d": 0},
                                                   {"prompt_id": "q0", "d": True}])])
-    with pytest.raises(PrefloopError, match=r"^r\.jsonl, row 0, field 'e': missing for prompt_id "
+    with pytest.raises(PrefloopError, match=r"^r\.jsonl, row 1, field 'e': missing for prompt_id "
                                             "'q1'$"):
         prompt_numbers("e", ["q1"], [("r.jsonl", [{"prompt_id": "q1", "d": 0}])])

@@ -129,6 +129,16 @@ def test_two_iterations_with_a_reward_model_leave_the_documented_artifacts(world
         assert metrics[t]["length_target"] == train["target_length"]
         assert metrics[t]["length_target_unit"] == "tokens"
     assert "alpha" not in metrics[0] and "length_target" not in metrics[0]
+    # every artifact the README's table (RunDir.ARTIFACTS) lists is there, and no other
+    from prefloop.loop.rundir import ARTIFACTS
+
+    listed = {path.replace("iter_t", f"iter_{t}").rstrip("/") for path, _ in ARTIFACTS
+              for t in (1, 2)}
+    written = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
+               if p.parent == run_dir or p.parent.parent == run_dir
+               or p.name in ("train_log.jsonl", "train_summary.json")}
+    written -= {f"iter_{t}" for t in (0, 1, 2)}
+    assert written == listed
 
 
 def test_function_reward_counts_ties_and_rerun_is_a_no_op(world, tmp_path):
@@ -143,8 +153,15 @@ def test_function_reward_counts_ties_and_rerun_is_a_no_op(world, tmp_path):
     assert ties > 0 and pairs + ties == 16
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     again = run(cfg, progress=False)
-    assert again.stages_run == []
+    assert again.stages_run == [] and len(again.skipped) == 11  # 2 × 5 stages + π₀'s eval
     assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    # a finished run is only re-read: its prompts are not loaded again (they may be gone)
+    moved = world.parent / "prompts-moved.jsonl"
+    (world / "prompts.jsonl").rename(moved)
+    try:
+        assert run(cfg, progress=False).stages_run == []
+    finally:
+        moved.rename(world / "prompts.jsonl")
 
 
 def test_changed_config_is_refused_unless_redoing_from_a_stage(world, tmp_path):
@@ -185,7 +202,7 @@ def test_auto_alpha_is_set_from_each_iterations_pairs_and_recorded(world, tmp_pa
 
 
 def test_gold_accuracy_standard_error_treats_prompts_as_the_unit():
-    from prefloop.loop import prompt_clustered_se
+    from prefloop.loop.metrics import prompt_clustered_se
 
     def rows(golds: dict[str, list[float]]) -> list[dict]:
         return [{"prompt_id": p, "gold": g} for p, gs in golds.items() for g in gs]
@@ -332,6 +349,8 @@ def test_gold_values_outside_zero_one_are_refused(world, tmp_path):
     ("training.precision=bf32", "training.precision: 'bf32' is not one of fp32, bf16, fp16"),
     ("prompts.per_iteration=15", "3 disjoint slices of 15 need 45 prompts but"),
     ("data.max_prompt_length=2048", "data.max_prompt_length must be smaller"),
+    # the loop writes its own pairs: a column or split given for them was silently ignored
+    ("data.chosen_column=good", "data.chosen_column: not used by the loop"),
 ])
 def test_the_whole_config_is_checked_before_any_stage_and_by_dry_run(world, tmp_path, override,
                                                                      message):

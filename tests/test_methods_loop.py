@@ -15,14 +15,9 @@ import pytest
 
 from prefloop.data import read_jsonl, render_prompt_response
 from prefloop.errors import PrefloopError
-from prefloop.loop import iteration_prompts, load_prompts, load_run_config, run
-from prefloop.online import (
-    iteration_reward,
-    merge_reference_samples,
-    reference_sampling,
-    rejection_sample,
-    win_probabilities,
-)
+from prefloop.loop import RunDir, load_run_config, run
+from prefloop.loop.stages import iteration_reward, merge_reference_samples, reference_sampling
+from prefloop.online import rejection_sample, win_probabilities
 from prefloop.pairing import (
     PairingConfig,
     _stable_seed,
@@ -30,6 +25,7 @@ from prefloop.pairing import (
     group_by_prompt,
     make_pairs,
 )
+from prefloop.prompts import iteration_prompts, load_prompts
 from tests.conftest import write_jsonl
 from tests.test_pairing import prompt_rows, sample
 
@@ -117,7 +113,7 @@ def test_spin_pairs_sft_targets_against_samples_and_skips_scoring(world, tmp_pat
 
 
 def test_spin_target_may_be_a_conversation_that_starts_with_the_prompt():
-    from prefloop.online import target_text
+    from prefloop.prompts import target_text
 
     prompt = [{"role": "user", "content": "hi"}]
     chat = [*prompt, {"role": "assistant", "content": "hello"},
@@ -125,7 +121,7 @@ def test_spin_target_may_be_a_conversation_that_starts_with_the_prompt():
     assert target_text(prompt, chat, "f", 0, "messages") == "hello"
     assert target_text("hi", chat, "f", 0, "messages") == "hello"
     assert target_text(prompt, "plain", "f", 0, "t") == "plain"
-    with pytest.raises(PrefloopError, match="row 3, field 'messages'"):
+    with pytest.raises(PrefloopError, match="row 4, field 'messages'"):
         target_text(prompt, prompt, "f", 3, "messages")
 
 
@@ -173,7 +169,7 @@ def test_sppo_loop_trains_on_targets_from_the_iterations_scores(world, tmp_path)
 
 def test_xpo_reference_samples_come_from_the_reference_model(world, tmp_path):
     from prefloop.config import SamplingConfig
-    from prefloop.stages import sample_prompts
+    from prefloop.workers import sample_prompts
 
     run_dir = tmp_path / "xpo"
     cfg = config(world, run_dir, "pairing.strategy=xpo", "loss.name=xpo", "loss.alpha=1e-3",
@@ -186,7 +182,7 @@ def test_xpo_reference_samples_come_from_the_reference_model(world, tmp_path):
     rows = read_jsonl(d / "samples.jsonl")
     prompts = iteration_prompts(load_prompts(cfg.prompts), cfg.prompts, t, cfg.iterations)
     sampling = SamplingConfig(**{**vars(cfg.sampling), "seed": cfg.sampling.seed + 1000 * t})
-    expected_ref = sample_prompts(str(world / "policy"), prompts, reference_sampling(sampling))
+    expected_ref = sample_prompts(str(world / "policy"), prompts, reference_sampling(sampling, 1))
     expected_pol = sample_prompts(str(run_dir / "iter_1" / "policy"), prompts, sampling)
     ref_rows = [r for r in rows if r["source"] == "reference"]
     pol_rows = [r for r in rows if r["source"] == "policy"]
@@ -254,16 +250,15 @@ def test_iteration_reward_uses_the_policy_and_its_own_reference():
 
     reward = RewardConfig(type="implicit", model="pi0", reference="sft")
 
-    def path(t: int) -> str:
-        return "pi0" if t == 0 else f"pi{t}"
-
-    pick = [(iteration_reward(reward, t, path, mode).model,
-             iteration_reward(reward, t, path, mode).reference)
+    run_dir = RunDir("r", initial_policy="pi0")
+    pi = {run_dir.policy_path(t): f"pi{t}" for t in range(4)} | {"sft": "sft"}
+    pick = [(pi[iteration_reward(reward, t, run_dir, mode).model],
+             pi[iteration_reward(reward, t, run_dir, mode).reference])
             for mode in ("previous", "initial") for t in (1, 2, 3)]
     assert pick == [("pi0", "sft"), ("pi1", "pi0"), ("pi2", "pi1"),
                     ("pi0", "sft"), ("pi1", "pi0"), ("pi2", "pi0")]
     model = RewardConfig(type="model", model="rm")
-    assert iteration_reward(model, 2, path, "previous") is model
+    assert iteration_reward(model, 2, run_dir, "previous") is model
 
 
 def test_dice_loop_scores_with_the_implicit_reward_and_shapes_pairs(world, tmp_path):
@@ -379,7 +374,7 @@ def test_rso_loop_filters_candidates_before_pairing(world, tmp_path):
     (["pairing.win_probability=hard"], "only strategy sppo"),
     (["reward.type=implicit", "reward.reference=x"], "set reward.model to policy"),
     (["pairing.strategy=sppo", "loss.name=sppo", "pairing.replay_fraction=0.5",
-      "replay_data=x.jsonl"], "carry no targets"),
+      "replay_data=x.jsonl"], "carry no win-probability targets"),
 ])
 def test_options_that_do_not_apply_are_refused(world, tmp_path, extra, message):
     with pytest.raises(PrefloopError, match=message):

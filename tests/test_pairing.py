@@ -326,7 +326,7 @@ def test_replay_fraction_with_empty_replay_set_raises():
 
 def test_replay_row_missing_a_column_raises():
     replay = [*offline(3), {"prompt": "p", "chosen": "c"}]
-    with pytest.raises(ValueError, match=r"replay set, row 3, field 'rejected'"):
+    with pytest.raises(ValueError, match=r"replay set, row 4, field 'rejected'"):
         make_pairs(many_prompts(2, 2), PairingConfig(replay_fraction=0.5), replay)
 
 
@@ -336,7 +336,7 @@ def test_replay_row_missing_a_column_raises():
 def test_missing_field_names_row_and_field():
     rows = prompt_rows("p", [0.0, 1.0])
     del rows[1]["response_ids"]
-    with pytest.raises(ValueError, match=r"row 1, field 'response_ids'"):
+    with pytest.raises(ValueError, match=r"row 2, field 'response_ids'"):
         make_pairs(rows, PairingConfig())
 
 
@@ -344,19 +344,19 @@ def test_missing_field_names_row_and_field():
 def test_bad_score_names_row_and_field(bad):
     rows = prompt_rows("p", [0.0, 1.0, 2.0])
     rows[2]["score"] = bad
-    with pytest.raises(ValueError, match=r"row 2, field 'score'"):
+    with pytest.raises(ValueError, match=r"row 3, field 'score'"):
         make_pairs(rows, PairingConfig())
 
 
 def test_non_finite_logprob_is_refused():
     rows = [sample("p", 0, 1.0, logprob=-1.0), sample("p", 1, 0.0, logprob=math.nan)]
-    with pytest.raises(ValueError, match=r"row 1, field 'logprob'"):
+    with pytest.raises(ValueError, match=r"row 2, field 'logprob'"):
         make_pairs(rows, PairingConfig())
 
 
 def test_duplicate_sample_is_refused():
     rows = [*prompt_rows("p", [0.0, 1.0]), sample("p", 1, 2.0)]
-    with pytest.raises(ValueError, match=r"row 2, field 'sample_index': duplicate"):
+    with pytest.raises(ValueError, match=r"row 3, field 'sample_index': duplicate"):
         make_pairs(rows, PairingConfig())
 
 

@@ -167,7 +167,7 @@ def test_missing_metrics_is_a_clear_error(tmp_path):
 def test_bad_rows_name_file_row_and_field(tmp_path):
     run = tmp_path / "bad"
     _write_jsonl(run / "metrics.jsonl", [{"iteration": 0, "mean_reward": "high"}])
-    with pytest.raises(PrefloopError, match=r"metrics\.jsonl, row 1, field 'mean_reward'"):
+    with pytest.raises(PrefloopError, match=r"metrics\.jsonl, line 1, field 'mean_reward'"):
         load_run(run)
     (run / "metrics.jsonl").write_text('{"iteration": 0}\n{oops\n')
     with pytest.raises(PrefloopError, match=r"metrics\.jsonl, line 2: not valid JSON"):

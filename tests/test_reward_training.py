@@ -159,7 +159,7 @@ def test_bad_input_is_refused(model_dir, tokenizer, tmp_path):
     rows = _addition_pairs(4)
     del rows[2]["rejected"]
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(PrefloopError, match=r"bad\.jsonl, row 2, field 'rejected'"):
+    with pytest.raises(PrefloopError, match=r"bad\.jsonl, line 3, field 'rejected'"):
         train_reward_model(_config(model_dir("llama"), tmp_path / "rm", f"data.path={data}"),
                            progress=False)
     assert not list(tmp_path.glob("*rm*"))

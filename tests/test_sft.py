@@ -175,13 +175,13 @@ def test_l1_delta_gives_a_sparser_delta(model_dir, tmp_path):
     ({"messages": "hi"}, "messages"),
 ])
 def test_bad_rows_name_row_and_field(row, field):
-    with pytest.raises(PrefloopError, match=rf"data\.jsonl, row 1, field '{field}'"):
+    with pytest.raises(PrefloopError, match=rf"data\.jsonl, row 2, field '{field}'"):
         sft_examples([MEMORISE[0], row], "data.jsonl")
 
 
 def test_bad_file_stops_before_any_output(model_dir, tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [MEMORISE[0], {"prompt": "x", "completion": ""}])
-    with pytest.raises(PrefloopError, match=r"bad\.jsonl, row 1, field 'completion': empty"):
+    with pytest.raises(PrefloopError, match=r"bad\.jsonl, line 2, field 'completion': empty"):
         train_sft(_config(model_dir("llama"), tmp_path / "out", f"data.path={data}"),
                   progress=False)
     assert not list(tmp_path.glob("*out*"))
@@ -281,7 +281,7 @@ def test_sampled_length_matches_the_data_whatever_the_batching(group_by_length, 
     more and the model answered long far less often than half of the time."""
     from prefloop.config import SamplingConfig
     from prefloop.sampling import PromptRecord
-    from prefloop.stages import sample_prompts
+    from prefloop.workers import sample_prompts
 
     rows = _mixed_length_rows(256)
     cfg = _config(model_dir("llama", "micro"), tmp_path / "out", "training.epochs=12",

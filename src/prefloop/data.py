@@ -40,7 +40,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise PrefloopError(
-                        f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})"
+                        f"{path}, line {lineno}: not valid JSON ({e.msg} at character {e.colno})"
                     ) from None
                 if not isinstance(row, dict):
                     raise PrefloopError(
@@ -68,7 +68,7 @@ def load_rows(source: str | Path, split: str = "train") -> list[dict]:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise PrefloopError(
-                    f"{source}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})"
+                    f"{source}, line {e.lineno}: not valid JSON ({e.msg} at character {e.colno})"
                 ) from None
             except UnicodeDecodeError:
                 raise PrefloopError(f"{source}: not UTF-8 text") from None

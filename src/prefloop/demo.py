@@ -227,7 +227,7 @@ def _reward_model_pairs(cfg: DemoConfig, bed: Testbed, annotator: testbed.Annota
     reward model has seen the policy's own outputs."""
     from prefloop.config import SamplingConfig
     from prefloop.sampling import PromptRecord
-    from prefloop.stages import sample_prompts
+    from prefloop.workers import sample_prompts
 
     on_policy = round(cfg.rm_pairs * cfg.rm_on_policy_share)
     pairs = testbed.annotated_pairs(cfg.rm_pairs - on_policy, cfg.seed + 2, annotator)
@@ -333,7 +333,7 @@ class DemoResult:
 def run_demo(cfg: DemoConfig, progress: bool = True, echo=print) -> DemoResult:
     """Build (or reuse) the testbed, run every loss in `cfg.runs` from the same SFT policy,
     and write an HTML report overlaying the runs. An interrupted demo resumes."""
-    from prefloop.loop import ConfigChanged, Loop
+    from prefloop.loop import ConfigChanged, run
     from prefloop.report import write_report
 
     start = time.perf_counter()
@@ -348,7 +348,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, echo=print) -> DemoResult:
         run_cfg.validate()
         with one_torch_thread():
             try:
-                metrics[name] = Loop(run_cfg, progress, echo).run(resume=True).metrics
+                metrics[name] = run(run_cfg, resume=True, progress=progress, echo=echo).metrics
             except ConfigChanged:
                 raise PrefloopError(
                     f"{out / name}: holds a demo run made with other settings (or an earlier "
@@ -406,8 +406,9 @@ class StartingPoint:
         from scipy.stats import spearmanr
 
         from prefloop.data import read_jsonl
+        from prefloop.loop.rundir import RunDir
 
-        rows = read_jsonl(run_dir / "iter_0" / "eval_samples.jsonl")
+        rows = read_jsonl(RunDir(run_dir).eval_samples(0))
         tokens = np.array([r["num_tokens"] for r in rows], dtype=float)
 
         def rho(gold: float) -> float:
@@ -417,7 +418,7 @@ class StartingPoint:
             return float(spearmanr([r["num_tokens"] for r in group],
                                    [r["score"] for r in group])[0])
 
-        scored = run_dir / "iter_1" / "scored.jsonl"
+        scored = RunDir(run_dir).scored(1)
         share, n = longer_preferred(read_jsonl(scored)) if scored.is_file() else (np.nan, 0)
         return cls(100 * float(np.mean([r["gold"] for r in rows])),
                    float(tokens.std() / tokens.mean()), rho(1.0), rho(0.0), share, n)

@@ -40,7 +40,7 @@ from prefloop.config import (
     validate_training,
 )
 from prefloop.errors import PrefloopError
-from prefloop.loop import PromptsConfig
+from prefloop.prompts import PromptsConfig
 
 if TYPE_CHECKING:
     from prefloop.trainer import TrainResult
@@ -233,10 +233,10 @@ def distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     from prefloop import harness, io
     from prefloop.config import dump_yaml
     from prefloop.data import pairs_from_rows
-    from prefloop.loop import load_prompts
     from prefloop.models import load_tokenizer
-    from prefloop.stages import Processes, sample_prompts
+    from prefloop.prompts import load_prompts
     from prefloop.trainer import train_preferences
+    from prefloop.workers import Processes, sample_prompts
 
     cfg.validate()
     procs = Processes()

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from prefloop.errors import PrefloopError
-from prefloop.stages import bar
+from prefloop.workers import bar
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 SPARSITY_TOLERANCE = 1e-8  # |δ| at or below this counts as "≈ 0" in the sparsity report

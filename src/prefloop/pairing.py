@@ -44,11 +44,9 @@ from typing import Any
 import numpy as np
 
 from prefloop.errors import PrefloopError, where
+from prefloop.methods import METHODS, STRATEGIES, method
 from prefloop.online import WIN_PROBABILITY_ESTIMATES, rejection_sample, win_probabilities
 
-STRATEGIES = ("best_vs_worst", "random", "all_pairs", "sppo", "xpo", "spin")
-# strategies whose one candidate per prompt is its best against its worst sample
-_BEST_VS_WORST = ("best_vs_worst", "sppo")
 LENGTH_UNITS = {"tokens": "num_tokens", "chars": "num_chars"}
 # Fields every scored row must carry (finish_reason and logprob are optional here).
 REQUIRED_FIELDS = (
@@ -192,17 +190,19 @@ class PairingConfig:
         if self.win_probability not in WIN_PROBABILITY_ESTIMATES:
             raise PairingError(f"pairing.win_probability: unknown {self.win_probability!r}; "
                                f"valid values: {', '.join(WIN_PROBABILITY_ESTIMATES)}")
-        if self.win_probability != "soft" and self.strategy != "sppo":
-            raise PairingError("pairing.win_probability: only strategy sppo uses it")
-        rso = self.rejection_sampling.enabled
-        if rso and self.strategy in ("xpo", "spin"):
+        m = method(self.strategy)
+        if self.win_probability != "soft" and "win_probabilities" not in m.pair_fields:
+            users = [s for s, x in METHODS.items() if "win_probabilities" in x.pair_fields]
+            raise PairingError(f"pairing.win_probability: only strategy {', '.join(users)} "
+                               "uses it")
+        if self.rejection_sampling.enabled and not m.rejection_sampling:
             raise PairingError(f"pairing.rejection_sampling: does not apply to strategy "
                                f"{self.strategy} (one candidate pair per sample)")
-        if self.strategy == "spin":
+        if not m.scored:
             for name, default in (("length_penalty", 0.0), ("min_margin", 0.0)):
                 if getattr(self, name) != default:
-                    raise PairingError(f"pairing.{name}: strategy spin pairs without scores; "
-                                       f"leave {name} at {default}")
+                    raise PairingError(f"pairing.{name}: strategy {self.strategy} pairs "
+                                       f"without scores; leave {name} at {default}")
 
 
 @dataclass
@@ -249,23 +249,24 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_rows(rows: Sequence[dict], required: Sequence[str] = REQUIRED_FIELDS) -> None:
+def _check_rows(rows: Sequence[dict], required: Sequence[str] = REQUIRED_FIELDS,
+                source: str = _SCORED) -> None:
     """Raise :class:`PairingError` at the first scored row that cannot be paired."""
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise PairingError(f"{where(_SCORED, i)}: expected an object, got {type(row).__name__}")
+            raise PairingError(f"{where(source, i)}: expected an object, got {type(row).__name__}")
         for key in required:
             if row.get(key) is None:
-                raise PairingError(f"{where(_SCORED, i, key)}: missing; row has {sorted(row)}")
+                raise PairingError(f"{where(source, i, key)}: missing; row has {sorted(row)}")
         if not isinstance(row["prompt_id"], str):
             raise PairingError(
-                f"{where(_SCORED, i, 'prompt_id')}: expected a string, got {row['prompt_id']!r}"
+                f"{where(source, i, 'prompt_id')}: expected a string, got {row['prompt_id']!r}"
             )
         for key in ("sample_index", "num_tokens", "num_chars"):
             value = row[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise PairingError(
-                    f"{where(_SCORED, i, key)}: expected an integer ≥ 0, got {value!r}"
+                    f"{where(source, i, key)}: expected an integer ≥ 0, got {value!r}"
                 )
         for key in ("score", "logprob"):
             value = row.get(key)
@@ -273,20 +274,20 @@ def _check_rows(rows: Sequence[dict], required: Sequence[str] = REQUIRED_FIELDS)
                 continue
             if not _is_number(value) or not math.isfinite(value):
                 raise PairingError(
-                    f"{where(_SCORED, i, key)}: expected a finite number, got {value!r}"
+                    f"{where(source, i, key)}: expected a finite number, got {value!r}"
                 )
 
 
-def _check_replay(replay: Sequence[dict]) -> None:
+def _check_replay(replay: Sequence[dict], source: str = _REPLAY) -> None:
     for i, row in enumerate(replay):
         if not isinstance(row, dict):
-            raise PairingError(f"{where(_REPLAY, i)}: expected an object, got {type(row).__name__}")
+            raise PairingError(f"{where(source, i)}: expected an object, got {type(row).__name__}")
         for key in REPLAY_REQUIRED_FIELDS:
             if row.get(key) is None:
-                raise PairingError(f"{where(_REPLAY, i, key)}: missing; row has {sorted(row)}")
+                raise PairingError(f"{where(source, i, key)}: missing; row has {sorted(row)}")
 
 
-def group_by_prompt(rows: Sequence[dict]) -> dict[str, list[dict]]:
+def group_by_prompt(rows: Sequence[dict], source: str = _SCORED) -> dict[str, list[dict]]:
     """Group scored rows by ``prompt_id``.
 
     Prompts keep their first-seen order; each prompt's samples are sorted by
@@ -299,12 +300,12 @@ def group_by_prompt(rows: Sequence[dict]) -> dict[str, list[dict]]:
     for i, row in enumerate(rows):
         for key in ("prompt_id", "sample_index"):
             if key not in row:
-                raise PairingError(f"{where(_SCORED, i, key)}: missing; row has {sorted(row)}")
+                raise PairingError(f"{where(source, i, key)}: missing; row has {sorted(row)}")
         key = (row["prompt_id"], row["sample_index"])
         if key in first_row:
             raise PairingError(
-                f"{where(_SCORED, i, 'sample_index')}: duplicate sample {key[1]} of prompt "
-                f"{key[0]!r} (first seen at row {first_row[key]})"
+                f"{where(source, i, 'sample_index')}: duplicate sample {key[1]} of prompt "
+                f"{key[0]!r} (first seen at {where(source, first_row[key])})"
             )
         first_row[key] = i
         groups.setdefault(row["prompt_id"], []).append(row)
@@ -322,24 +323,31 @@ def _stable_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def _fixed_candidates(samples: list[dict], config: PairingConfig, prompt_id: str):
-    """Candidate position pairs that do not depend on the scores (random, all_pairs, xpo)."""
-    if config.strategy == "xpo":
-        return _xpo_candidates(samples, prompt_id)
-    if config.strategy == "random":
+def _candidates(samples: list[dict], shaped: list[float], config: PairingConfig,
+                prompt_id: str, source: str) -> list[tuple[int, int]]:
+    """Candidate position pairs of one prompt by its method's rule (methods.CANDIDATE_RULES)."""
+    rule = method(config.strategy).candidates
+    if rule == "extremes":
+        # max/min return the first extreme, i.e. the lowest sample_index.
+        return [(max(range(len(samples)), key=shaped.__getitem__),
+                 min(range(len(samples)), key=shaped.__getitem__))]
+    if rule == "vs_reference":
+        return _reference_candidates(samples, prompt_id, config.strategy, source)
+    if rule == "random_two":
         rng = random.Random(_stable_seed(config.seed, prompt_id))
         return [tuple(rng.sample(range(len(samples)), 2))]
     return list(itertools.combinations(range(len(samples)), 2))
 
 
-def _xpo_candidates(samples: list[dict], prompt_id: str) -> list[tuple[int, int]]:
+def _reference_candidates(samples: list[dict], prompt_id: str, strategy: str,
+                          source: str) -> list[tuple[int, int]]:
     """(policy sample, reference sample) positions: every policy sample against the one ỹ."""
     sources = [s.get("source") for s in samples]
     if sources.count("reference") != 1:
         raise PairingError(
-            f"{_SCORED}: prompt {prompt_id!r} has {sources.count('reference')} samples with "
-            "source 'reference'; strategy xpo needs exactly one (the loop's sample stage "
-            "draws it from the reference model)"
+            f"{source}: prompt {prompt_id!r} has {sources.count('reference')} samples with "
+            f"source 'reference'; strategy {strategy} needs exactly one (the loop's sample "
+            "stage draws it from the reference model)"
         )
     ref = sources.index("reference")
     return [(i, ref) for i in range(len(samples)) if i != ref]
@@ -400,7 +408,7 @@ def _spin_target(sample: dict) -> dict[str, Any]:
     }
 
 
-def _spin_pairs(groups: dict[str, list[dict]], stats: PairingStats) -> list[dict]:
+def _target_pairs(groups: dict[str, list[dict]], stats: PairingStats) -> list[dict]:
     """SPIN: y_w = the prompt's SFT target, y_l = each policy sample; no scores."""
     pairs = [_pair_row(_spin_target(s), s) for samples in groups.values() for s in samples]
     stats.online_pairs = len(pairs)
@@ -409,11 +417,13 @@ def _spin_pairs(groups: dict[str, list[dict]], stats: PairingStats) -> list[dict
 
 def _annotate(row: dict, config: PairingConfig, samples: list[dict], shaped: list[float],
               w: int, lo: int) -> dict:
-    """Method fields of one pair: SPPO's targets, XPO's reference side."""
-    if config.strategy == "sppo":
+    """The method's pair fields (methods.PAIR_FIELDS): SPPO's win-probability targets,
+    XPO's reference side."""
+    fields = method(config.strategy).pair_fields
+    if "win_probabilities" in fields:
         p_hat = win_probabilities(shaped, config.win_probability)
         row["chosen_target"], row["rejected_target"] = p_hat[w], p_hat[lo]
-    elif config.strategy == "xpo":
+    if "reference_side" in fields:
         row["reference_sample"] = "chosen" if samples[w].get("source") == "reference" \
             else "rejected"
     return row
@@ -513,13 +523,15 @@ def auto_length_penalty(groups: dict[str, list[dict]], config: PairingConfig) ->
     multi = {pid: g for pid, g in groups.items() if len(g) >= 2}
     if not multi:
         return 0.0
-    if config.strategy in _BEST_VS_WORST:
+    if method(config.strategy).candidates == "extremes":
         sums, counts = _sweep_best_vs_worst(
             list(multi.values()), length_key, grid, config.min_margin
         )
     else:
         pairs = [
-            (g[a], g[b]) for pid, g in multi.items() for a, b in _fixed_candidates(g, config, pid)
+            # these rules do not read the scores
+            (g[a], g[b]) for pid, g in multi.items()
+            for a, b in _candidates(g, [], config, pid, _SCORED)
         ]
         sums, counts = _sweep_fixed(pairs, length_key, grid, config.min_margin)
     # Lengths are integers, so each |sum|/count is the correctly rounded value of an exact
@@ -557,7 +569,8 @@ def _draw_replay(replay: Sequence[dict], n_online: int, config: PairingConfig) -
 
 
 def make_pairs(
-    rows: Sequence[dict], config: PairingConfig, replay: Sequence[dict] = ()
+    rows: Sequence[dict], config: PairingConfig, replay: Sequence[dict] = (),
+    source: str = _SCORED, replay_source: str = _REPLAY,
 ) -> tuple[list[dict], PairingStats]:
     """Pair scored samples by the module's rules; returns (online pairs then replay, stats).
 
@@ -574,23 +587,23 @@ def make_pairs(
     """
     config.validate()
     rows = list(rows)
-    spin = config.strategy == "spin"
-    _check_rows(rows, SPIN_REQUIRED_FIELDS if spin else REQUIRED_FIELDS)
+    scored = method(config.strategy).scored
+    _check_rows(rows, REQUIRED_FIELDS if scored else SPIN_REQUIRED_FIELDS, source)
     if config.replay_fraction > 0:
         if len(replay) == 0:
             raise PairingError(
                 f"pairing.replay_fraction is {config.replay_fraction} but the replay set is "
                 "empty; give an offline preference set or set replay_fraction to 0"
             )
-        _check_replay(replay)
-    groups = group_by_prompt(rows)
+        _check_replay(replay, replay_source)
+    groups = group_by_prompt(rows, source)
     stats = PairingStats(prompts=len(groups))
-    if spin:
-        pairs = _spin_pairs(groups, stats)
+    if not scored:
+        pairs = _target_pairs(groups, stats)
     else:
         if config.rejection_sampling.enabled:
             groups = _rejection_filter(groups, config, stats)
-        pairs = _scored_pairs(groups, config, stats)
+        pairs = _scored_pairs(groups, config, stats, source)
     if pairs:
         unit = config.length_unit
         gaps = [p[f"chosen_{unit}"] - p[f"rejected_{unit}"] for p in pairs]
@@ -614,7 +627,7 @@ def _neutral_alpha(gaps: Sequence[float]) -> float:
 
 
 def _scored_pairs(groups: dict[str, list[dict]], config: PairingConfig,
-                  stats: PairingStats) -> list[dict]:
+                  stats: PairingStats, source: str = _SCORED) -> list[dict]:
     """Rules 1–4 over every prompt's (accepted) samples; fills the stats' counts."""
     if config.length_penalty == "auto":
         alpha = auto_length_penalty(groups, config)
@@ -622,20 +635,14 @@ def _scored_pairs(groups: dict[str, list[dict]], config: PairingConfig,
         alpha = float(config.length_penalty)
     length_key = LENGTH_UNITS[config.length_unit]
     stats.alpha = alpha
+    m = method(config.strategy)
     pairs: list[dict] = []
     for prompt_id, samples in groups.items():
-        if len(samples) < 2 and config.strategy != "xpo":
+        if len(samples) < 2 and not m.reference_samples:
             stats.single_sample_prompts += 1
             continue
         shaped = _shaped_scores(samples, alpha, length_key)
-        if config.strategy in _BEST_VS_WORST:
-            # max/min return the first extreme, i.e. the lowest sample_index.
-            best = max(range(len(samples)), key=shaped.__getitem__)
-            worst = min(range(len(samples)), key=shaped.__getitem__)
-            candidates = [(best, worst)]
-        else:
-            candidates = _fixed_candidates(samples, config, prompt_id)
-        for a, b in candidates:
+        for a, b in _candidates(samples, shaped, config, prompt_id, source):
             if shaped[a] == shaped[b]:
                 stats.ties_dropped += 1
                 continue

@@ -41,7 +41,6 @@ import base64
 import html
 import io
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from typing import Any
 from prefloop.data import read_jsonl
 from prefloop.errors import PrefloopError, where
 from prefloop.io import atomic_path
+from prefloop.loop.rundir import RunDir
 
 __all__ = ["RunData", "headline_summary", "load_run", "write_report"]
 
@@ -70,7 +70,6 @@ METRIC_FIELDS = (
     "alpha_mean",
     "length_target",
 )
-_ITER_DIR = re.compile(r"^iter_(\d+)$")
 # At most this many responses per iteration go into the reward-vs-length scatter.
 _MAX_SCATTER_POINTS = 3000
 
@@ -107,7 +106,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_numbers(path: Path, rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
-    for i, row in enumerate(rows, start=1):
+    for i, row in enumerate(rows):
         for key in keys:
             value = row.get(key)
             if value is not None and not _is_number(value):
@@ -117,7 +116,7 @@ def _check_numbers(path: Path, rows: list[dict[str, Any]], keys: Sequence[str]) 
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
-    config = run_dir / "config.yaml"
+    config = RunDir(run_dir).config
     if config.is_file():
         import yaml
 
@@ -169,14 +168,15 @@ def _score_noun(runs: Sequence[RunData]) -> str:
 def load_run(run_dir: Path | str) -> RunData:
     """Read a run directory (layout in the module docstring) into a :class:`RunData`."""
     run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
+    run = RunDir(run_dir)
+    metrics_path = run.metrics
     if not metrics_path.is_file():
         what = "is not a directory" if not run_dir.is_dir() else "has no metrics.jsonl"
         raise PrefloopError(
             f"{metrics_path}: not found; {run_dir} {what} (is it a prefloop run directory?)"
         )
     metrics = _read_jsonl(metrics_path)
-    for i, row in enumerate(metrics, start=1):
+    for i, row in enumerate(metrics):
         if not isinstance(row.get("iteration"), int) or isinstance(row["iteration"], bool):
             raise PrefloopError(
                 f"{where(str(metrics_path), i, 'iteration')}: expected an integer, "
@@ -187,16 +187,12 @@ def load_run(run_dir: Path | str) -> RunData:
 
     samples: dict[int, list[dict[str, Any]]] = {}
     train_logs: dict[int, list[dict[str, Any]]] = {}
-    for sub in sorted(run_dir.iterdir()):
-        match = _ITER_DIR.match(sub.name)
-        if not (match and sub.is_dir()):
-            continue
-        t = int(match.group(1))
-        if (sub / "eval_samples.jsonl").is_file():
-            rows = _read_jsonl(sub / "eval_samples.jsonl")
-            _check_numbers(sub / "eval_samples.jsonl", rows, ("score", "num_tokens", "num_chars"))
+    for t in run.iterations_present():
+        if run.eval_samples(t).is_file():
+            rows = _read_jsonl(run.eval_samples(t))
+            _check_numbers(run.eval_samples(t), rows, ("score", "num_tokens", "num_chars"))
             samples[t] = rows
-        log = sub / "policy" / "train_log.jsonl"
+        log = run.train_log(t)
         if log.is_file():
             rows = _read_jsonl(log)
             _check_numbers(log, rows, ("step", "loss", "accuracy", "alpha"))
@@ -884,7 +880,7 @@ def write_report(run_dirs: Sequence[Path | str], out: Path | str | None = None) 
                 "report: several run directories need an output path for the HTML file "
                 "(e.g. --out compare/report.html)"
             )
-        out = Path(run_dirs[0]) / "report.html"
+        out = RunDir(run_dirs[0]).report
     out = Path(out)
     plots_dir = out.parent / "plots"
 

@@ -24,7 +24,7 @@ import torch
 
 from prefloop.config import RewardConfig
 from prefloop.data import Text, encode_prompts, render_prompt_response
-from prefloop.errors import PrefloopError
+from prefloop.errors import BadScore, PrefloopError
 
 
 class Scorer(Protocol):
@@ -42,11 +42,9 @@ def check_scores(scores: Sequence[float], n: int, what: str = "reward") -> list[
             value = None
         if value is None or not math.isfinite(value):
             shown = s if value is None else value
-            error = PrefloopError(f"{what}: score of response {i} is {shown!r} (must be a "
-                                  "finite number)")
-            # `stages.score_rows` turns the position into the row of the file being scored
-            error.index, error.detail = i, f"{what} scored it {shown!r} (must be a finite number)"
-            raise error
+            detail = f"{what} scored it {shown!r} (must be a finite number)"
+            raise BadScore(f"{what}: score of response {i} is {shown!r} (must be a finite "
+                           "number)", i, detail)
         out.append(value)
     return out
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from prefloop.errors import PrefloopError
+from prefloop.errors import PrefloopError, where
 
 if TYPE_CHECKING:
     from prefloop.config import RewardConfig
@@ -29,7 +29,7 @@ def require_fields(rows: list[dict], path: str, fields: tuple[str, ...]) -> None
     for i, row in enumerate(rows):
         for f in fields:
             if f not in row:
-                raise PrefloopError(f"{path}, row {i}, field {f!r}: missing")
+                raise PrefloopError(f"{where(path, i, f)}: missing")
 
 
 def add_reward_options(p: argparse.ArgumentParser) -> None:

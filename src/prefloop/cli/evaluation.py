@@ -54,7 +54,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from prefloop import evaluate as ev
     from prefloop.data import load_rows, read_jsonl
-    from prefloop.stages import Processes, score_rows
+    from prefloop.workers import Processes, score_rows
 
     procs = Processes()
     a, b = _responses(args.a, args, procs), _responses(args.b, args, procs)
@@ -134,8 +134,8 @@ def _responses(source: str, args: argparse.Namespace, procs) -> list[dict]:
 
     from prefloop.config import SamplingConfig
     from prefloop.data import read_jsonl
-    from prefloop.loop import PromptsConfig, load_prompts
-    from prefloop.stages import sample_prompts
+    from prefloop.prompts import PromptsConfig, load_prompts
+    from prefloop.workers import sample_prompts
 
     if Path(source).suffix == ".jsonl":
         return read_jsonl(source)

@@ -142,7 +142,8 @@ def _add_refine_options(p: argparse.ArgumentParser, default_select: str) -> None
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from prefloop.config import dump_yaml
-    from prefloop.loop import Loop, format_metrics_row, load_run_config, plan
+    from prefloop.loop import load_run_config, plan, run
+    from prefloop.loop.metrics import format_metrics_row
 
     cfg = load_run_config(args.config, args.overrides)
     cfg.validate()
@@ -150,16 +151,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(dump_yaml(cfg), end="")
         print_rows("prefloop run --dry-run", plan(cfg))
         return 0
-    loop = Loop(cfg, progress=not args.quiet, overwrite=args.overwrite)
     try:
-        result = loop.run(resume=args.resume, redo_from=args.redo_from)
+        result = run(cfg, args.resume, args.redo_from, progress=not args.quiet,
+                     overwrite=args.overwrite, echo=print)
     except KeyboardInterrupt:
         from prefloop.faults import current_stage
 
         at = current_stage() or "start-up"
         raise KeyboardInterrupt(f"interrupted at {at}; finished stages are kept, resume with "
                                 f"`prefloop run ... --resume`") from None
-    if not loop.procs.is_main:
+    if not result.main:
         return 0
     print()
     print("\n".join(format_metrics_row(m, header=i == 0) for i, m in enumerate(result.metrics)))
@@ -174,8 +175,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from prefloop import io
     from prefloop.config import SamplingConfig
-    from prefloop.loop import PromptsConfig, load_prompts
-    from prefloop.stages import Processes, sample_prompts
+    from prefloop.prompts import PromptsConfig, load_prompts
+    from prefloop.workers import Processes, sample_prompts
 
     prompts = load_prompts(PromptsConfig(path=args.prompts, column=args.prompt_column,
                                          id_column=args.id_column, limit=args.limit))
@@ -218,7 +219,7 @@ def _refine(args: argparse.Namespace, default_select: str):
 def _cmd_score(args: argparse.Namespace) -> int:
     from prefloop import io
     from prefloop.data import read_jsonl
-    from prefloop.stages import Processes, score_rows
+    from prefloop.workers import Processes, score_rows
 
     rows = read_jsonl(args.input)
     require_fields(rows, args.input, ("prompt", "response"))
@@ -251,11 +252,8 @@ def _cmd_pair(args: argparse.Namespace) -> int:
         length_unit=args.length_unit, replay_fraction=args.replay_fraction, seed=args.seed,
     )
     replay = load_rows(args.replay) if args.replay else []
-    try:
-        pairs, stats = make_pairs(read_jsonl(args.input), config, replay)
-    except PrefloopError as e:  # name the files rather than "scored samples"/"replay set"
-        text = str(e).replace("scored samples", str(args.input), 1)
-        raise PrefloopError(text.replace("replay set", str(args.replay), 1)) from None
+    pairs, stats = make_pairs(read_jsonl(args.input), config, replay, source=str(args.input),
+                              replay_source=str(args.replay))
     if not pairs:
         raise PrefloopError(
             f"{args.input}: no pairs (all {stats.prompts} prompts tied or below --min-margin); "
@@ -269,8 +267,8 @@ def _cmd_pair(args: argparse.Namespace) -> int:
 def _cmd_best_of_n(args: argparse.Namespace) -> int:
     from prefloop import io
     from prefloop.config import SamplingConfig
-    from prefloop.loop import PromptsConfig, load_prompts
-    from prefloop.stages import Processes, best_of_n, sample_prompts, score_rows
+    from prefloop.prompts import PromptsConfig, load_prompts
+    from prefloop.workers import Processes, best_of_n, sample_prompts, score_rows
 
     prompts = load_prompts(PromptsConfig(path=args.prompts, column=args.prompt_column,
                                          limit=args.limit))

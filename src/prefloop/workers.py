@@ -1,4 +1,4 @@
-"""Stage functions shared by the loop and the stand-alone commands (`prefloop sample|score|
+"""Work shared by the loop's stages and the stand-alone commands (`prefloop sample|score|
 pair|best-of-n`): each works on plain rows and spreads its work over processes."""
 
 from __future__ import annotations
@@ -6,10 +6,11 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from prefloop import faults
 from prefloop.config import RewardConfig, SamplingConfig
-from prefloop.errors import PrefloopError, where
+from prefloop.errors import BadScore, PrefloopError, where
 from prefloop.sampling import PromptRecord, Sampler
 
 
@@ -83,44 +84,48 @@ def _release(big: bool) -> None:
         gc.collect()
 
 
-# The loop scores with the same reward model several times per iteration (its samples, then
-# the evaluation's). A small one stays loaded between calls instead of being read again; a
-# large one (≥ RELEASE_BYTES) is released after each call so it never shares memory with
-# the policy being trained. One entry: a different reward replaces it.
-_kept_scorer: tuple[tuple, object] | None = None
+class ScorerCache:
+    """Keeps one small reward model loaded between calls of `score_rows`. The loop scores
+    with the same reward model several times per iteration (its samples, then the
+    evaluation's); a small one stays loaded instead of being read again, a large one
+    (≥ RELEASE_BYTES) is released after each call so it never shares memory with the policy
+    being trained. One entry: a different reward, or rewritten weights, replace it."""
 
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.scorer: Any = None
 
-def _scorer_key(reward: RewardConfig, trust_remote_code: bool) -> tuple:
-    """What a loaded scorer depends on, including when its weights were last written."""
-    import os
+    @staticmethod
+    def _key(reward: RewardConfig, trust_remote_code: bool) -> tuple:
+        """What a loaded scorer depends on, including when its weights were last written."""
+        import os
 
-    stamps = []
-    for path in (reward.model, reward.reference):
-        weights = [os.path.join(path, f) for f in sorted(os.listdir(path))
-                   if f.endswith(".safetensors")] if path and os.path.isdir(path) else []
-        stamps.append(tuple(os.stat(w).st_mtime_ns for w in weights))
-    return (repr(reward), trust_remote_code, tuple(stamps))
+        stamps = []
+        for path in (reward.model, reward.reference):
+            weights = [os.path.join(path, f) for f in sorted(os.listdir(path))
+                       if f.endswith(".safetensors")] if path and os.path.isdir(path) else []
+            stamps.append(tuple(os.stat(w).st_mtime_ns for w in weights))
+        return (repr(reward), trust_remote_code, tuple(stamps))
 
+    def get(self, reward: RewardConfig, trust_remote_code: bool) -> Any:
+        """The kept scorer of `reward`, or a newly built one (the kept one dropped)."""
+        from prefloop.rewards import build_scorer
 
-def _scorer(reward: RewardConfig, trust_remote_code: bool):
-    from prefloop.rewards import build_scorer
+        key = self._key(reward, trust_remote_code)
+        if self.key == key:
+            return self.scorer
+        self.key = self.scorer = None
+        return build_scorer(reward, trust_remote_code)
 
-    global _kept_scorer
-    key = _scorer_key(reward, trust_remote_code)
-    if _kept_scorer is not None and _kept_scorer[0] == key:
-        return _kept_scorer[1]
-    _kept_scorer = None
-    return build_scorer(reward, trust_remote_code)
-
-
-def _keep_if_small(reward: RewardConfig, trust_remote_code: bool, scorer) -> bool:
-    """Keep a small reward model for the next call; True when the scorer is big, i.e. the
-    caller should drop its references and `_release(True)` it."""
-    global _kept_scorer
-    big = _weight_bytes(scorer) >= RELEASE_BYTES
-    keep = reward.type == "model" and not big
-    _kept_scorer = (_scorer_key(reward, trust_remote_code), scorer) if keep else None
-    return big
+    def keep_if_small(self, reward: RewardConfig, trust_remote_code: bool, scorer: Any) -> bool:
+        """Keep a small reward model for the next call; True when the scorer is big, i.e.
+        the caller should drop its references and `_release(True)` it."""
+        big = _weight_bytes(scorer) >= RELEASE_BYTES
+        if reward.type == "model" and not big:
+            self.key, self.scorer = self._key(reward, trust_remote_code), scorer
+        else:
+            self.key = self.scorer = None
+        return big
 
 
 # ---------------------------------------------------------------- sampling and scoring
@@ -198,17 +203,19 @@ def sample_prompts(policy: str, prompts: Sequence[PromptRecord], sampling: Sampl
 
 def score_rows(rows: Sequence[dict], reward: RewardConfig, procs: Processes | None = None,
                trust_remote_code: bool = False, progress: bool = False,
-               desc: str = "score", source: str = "<rows>") -> list[float]:
-    """One score per row (`prompt`, `response`); the scorer is loaded once per call (a
-    small reward model is kept for the next call with the same reward). A non-finite score
-    is reported with its row of `source`."""
+               desc: str = "score", source: str = "<rows>",
+               scorers: ScorerCache | None = None) -> list[float]:
+    """One score per row (`prompt`, `response`); the scorer is loaded once per call, or
+    taken from `scorers` (which keeps a small reward model for the next call with the same
+    reward). A non-finite score is reported with its row of `source`."""
     procs = procs or Processes()
-    scorer = _scorer(reward, trust_remote_code)
+    scorers = scorers or ScorerCache()
+    scorer = scorers.get(reward, trust_remote_code)
     mine = list(range(procs.rank, len(rows), procs.world))
     chunk = max(1, reward.batch_size * 4)
     local = _score_chunks(scorer, rows, [mine[i : i + chunk] for i in range(0, len(mine), chunk)],
                           progress and procs.is_main, desc, source)
-    big = _keep_if_small(reward, trust_remote_code, scorer)
+    big = scorers.keep_if_small(reward, trust_remote_code, scorer)
     del scorer  # the last reference here: a full collection can now free its weights
     _release(big)
     out = [0.0] * len(rows)
@@ -234,9 +241,7 @@ def _score_chunks(scorer, rows: Sequence[dict], chunks: list[list[int]], progres
     for idx, x in zip(bar(chunks, progress, desc), inputs, strict=True):
         try:
             scores = run(x)
-        except PrefloopError as e:
-            if getattr(e, "index", None) is None:
-                raise
+        except BadScore as e:
             raise PrefloopError(f"{where(source, idx[e.index], 'response')}: {e.detail}") \
                 from None
         local += list(zip(idx, scores, strict=True))

@@ -1,0 +1,163 @@
+"""`prefloop run`'s configuration: RunConfig and its sections, one `validate()` for the whole
+run (every section, then what the sections require of each other), and loading a config
+from a YAML file or a run directory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefloop.config import (
+    TRUNCATION,
+    DataConfig,
+    LossConfig,
+    RewardConfig,
+    SamplingConfig,
+    TrainingConfig,
+    check_choice,
+    validate_loss,
+    validate_training,
+)
+from prefloop.errors import PrefloopError
+from prefloop.methods import METHOD_LOSSES, METHODS, describe_fields, method
+from prefloop.pairing import PairingConfig
+from prefloop.prompts import PromptsConfig
+
+REFERENCES = ("previous", "initial")  # π_{t−1} (the paper) or π₀ as iteration t's reference
+LC_FITS = ("glm", "alpacaeval")
+
+
+@dataclass
+class EvalConfig:
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(num_samples=1, temperature=0.0)
+    )
+    gold: str = ""  # optional "module:function" → per-response correctness in [0, 1]
+    lc_fit: str = "glm"  # glm | alpacaeval
+    reward: RewardConfig | None = None  # the judge of evaluation; default: the run's reward
+
+
+@dataclass
+class RunConfig:
+    """`prefloop run`: the iterative loop."""
+
+    name: str = "run"
+    run_dir: str = ""  # default: runs/<name>
+    policy: str = ""
+    trust_remote_code: bool = False
+    iterations: int = 3
+    seed: int = 0
+    reference: str = "previous"  # previous (paper) | initial
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    replay_data: str = ""  # offline preference set mixed in at pairing.replay_fraction
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # only the length limits apply
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def validate(self) -> None:
+        """Every section, then the method's needs (an option that does not apply raises)."""
+        if not self.policy:
+            raise PrefloopError("policy: required (a hub id or a local model directory)")
+        if not self.prompts.path:
+            raise PrefloopError("prompts.path: required (jsonl, parquet, dataset dir or hub id)")
+        if self.iterations < 1:
+            raise PrefloopError(f"iterations: must be ≥ 1, got {self.iterations}")
+        check_choice("reference", self.reference, REFERENCES)
+        if self.data.path:
+            raise PrefloopError("data.path: not used by the loop (pairs come from sampling); "
+                                "set prompts.path instead")
+        for key in ("split", "prompt_column", "chosen_column", "rejected_column"):
+            if getattr(self.data, key) != getattr(DataConfig, key):
+                raise PrefloopError(f"data.{key}: not used by the loop (it writes its own "
+                                    "pairs); only data.max_length, data.max_prompt_length and "
+                                    "data.truncation apply")
+        check_choice("data.truncation", self.data.truncation, TRUNCATION)
+        if self.data.max_prompt_length >= self.data.max_length:
+            raise PrefloopError("data.max_prompt_length must be smaller than data.max_length")
+        validate_training(self.training)
+        validate_loss(self.loss)
+        self.sampling.validate("sampling")
+        self.eval.sampling.validate("eval.sampling")
+        self.reward.validate("reward")
+        if self.eval.reward is not None:
+            self.eval.reward.validate("eval.reward")
+        self.pairing.validate()
+        check_choice("eval.lc_fit", self.eval.lc_fit, LC_FITS)
+        for name in ("per_iteration", "limit"):
+            if getattr(self.prompts, name) < 0:
+                raise PrefloopError(f"prompts.{name}: must be ≥ 0")
+        if self.pairing.replay_fraction > 0 and not self.replay_data:
+            raise PrefloopError("replay_data: required when pairing.replay_fraction > 0")
+        self._validate_method()
+
+    def _validate_method(self) -> None:
+        """What the pairing strategy's method (prefloop.methods) requires of the others."""
+        strategy, loss = self.pairing.strategy, self.loss.name
+        m = method(strategy)
+        if self.sampling.num_samples < m.min_samples:
+            raise PrefloopError(f"sampling.num_samples: pairing.strategy {strategy} needs at "
+                                f"least {m.min_samples} per prompt")
+        if m.targets and not self.prompts.target_column:
+            raise PrefloopError(f"prompts.target_column: pairing.strategy {strategy} needs the "
+                                "SFT target of every prompt (e.g. completion)")
+        if self.prompts.target_column and not m.targets:
+            users = [s for s, x in METHODS.items() if x.targets]
+            raise PrefloopError(f"prompts.target_column: only pairing.strategy "
+                                f"{', '.join(users)} uses targets")
+        if self.reward.type == "none" and m.scored:
+            raise PrefloopError(f"reward.type: none leaves nothing to score; pairing.strategy "
+                                f"{strategy} needs a reward")
+        eval_reward = self.eval.reward or self.reward
+        if self.eval.prompts.path and eval_reward.type == "none":
+            raise PrefloopError("eval.reward: evaluation needs a reward model or function "
+                                "(set eval.reward, or leave eval.prompts.path empty)")
+        owner = METHOD_LOSSES.get(loss)
+        if owner is not None and owner.strategy != strategy:
+            raise PrefloopError(f"loss.name: {loss} reads what pairing.strategy "
+                                f"{owner.strategy} writes; set pairing.strategy: "
+                                f"{owner.strategy}")
+        if m.loss and loss != m.loss:
+            raise PrefloopError(f"pairing.strategy: {strategy} writes {describe_fields(m)} that "
+                                f"loss {loss!r} ignores; use best_vs_worst, or loss.name: "
+                                f"{m.loss}")
+        if m.pair_fields and self.pairing.replay_fraction > 0:
+            raise PrefloopError(f"pairing.replay_fraction: replayed pairs carry no "
+                                f"{describe_fields(m)} for loss {loss}; set it to 0")
+        if self.reward.type == "implicit" and self.reward.model != self.policy:
+            raise PrefloopError("reward.model: the loop's implicit reward (DICE) is the policy's "
+                                f"own; set reward.model to policy ({self.policy})")
+
+
+def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A run config from a YAML file, or from a run directory (its recorded config.yaml,
+    with run_dir set to that directory), plus dotted overrides."""
+    from prefloop.config import load_config
+
+    if path is not None and Path(path).is_dir():
+        if not (Path(path) / "config.yaml").is_file():
+            raise PrefloopError(f"{path}: a directory without config.yaml is not a prefloop "
+                                "run directory")
+        return load_config(RunConfig, Path(path) / "config.yaml",
+                           [f"run_dir={path}", *overrides])
+    return load_config(RunConfig, path, list(overrides))
+
+
+def check_functions(cfg: RunConfig) -> None:
+    """Import the run's Python functions (rewards, gold) so that a wrong name fails now."""
+    from prefloop.rewards import import_function
+
+    for key, reward in (("reward", cfg.reward), ("eval.reward", cfg.eval.reward)):
+        if reward is not None and reward.type == "function":
+            import_function(reward.function, f"{key}.function")
+    if cfg.eval.gold:
+        import_function(cfg.eval.gold, "eval.gold")

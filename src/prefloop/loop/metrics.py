@@ -1,0 +1,86 @@
+"""The loop's metrics: one record per evaluated iteration (`eval.json`, `metrics.jsonl`)
+and the table row the loop prints for it."""
+
+from __future__ import annotations
+
+
+def evaluate_iteration(t: int, rows: list[dict], baseline: list[dict],
+                       initial_logps: list[float] | None, lc_fit: str = "glm") -> dict:
+    """Metrics of iteration t's eval samples against the initial policy's (iteration 0)."""
+    import numpy as np
+
+    from prefloop.evaluate import (
+        kl_estimate,
+        length_controlled_win_rate,
+        length_stats,
+        preferences,
+        win_rate,
+    )
+
+    scores = np.array([r["score"] for r in rows], dtype=float)
+    record: dict = {"iteration": t, "n": len(rows), "mean_reward": float(scores.mean())}
+    record.update(length_stats([r["num_tokens"] for r in rows], [r["num_chars"] for r in rows]))
+    record["mean_tokens_se"] = prompt_clustered_se(rows, "num_tokens")
+    record["mean_chars_se"] = prompt_clustered_se(rows, "num_chars")
+    record["eos_rate"] = float(np.mean([r["finish_reason"] == "eos" for r in rows]))
+    if any("gold" in r for r in rows):
+        record["gold_accuracy"] = float(np.mean([r.get("gold", 0.0) for r in rows]))
+        record["gold_accuracy_se"] = prompt_clustered_se(rows, "gold")
+    first = {r["prompt_id"]: r for r in baseline if r["sample_index"] == 0}
+    mine = [r for r in rows if r["sample_index"] == 0 and r["prompt_id"] in first]
+    base = [first[r["prompt_id"]] for r in mine]
+    a = np.array([r["score"] for r in mine], dtype=float)
+    b = np.array([r["score"] for r in base], dtype=float)
+    wr = win_rate(a, b)  # percent
+    record.update(win_rate=wr.soft, win_rate_se=wr.soft_se, win_rate_hard=wr.hard,
+                  win_rate_hard_se=wr.hard_se)
+    lc = length_controlled_win_rate(preferences(a, b, "soft"), [r["num_chars"] for r in mine],
+                                    [r["num_chars"] for r in base], fit=lc_fit)
+    record["lc_win_rate"] = float(lc.lc)
+    if lc.warnings:
+        record["lc_warnings"] = list(lc.warnings)
+    record["kl"] = None
+    if initial_logps is not None:
+        kl, kl_se = kl_estimate([r["logprob"] for r in rows], initial_logps)
+        record.update(kl=float(kl), kl_se=float(kl_se))
+    return record
+
+
+def prompt_clustered_se(rows: list[dict], key: str) -> float | None:
+    """Standard error of the mean of `key` over rows, prompts as the sampling unit: the sd
+    of the per-prompt means over √(number of prompts) (with one sample per prompt, the
+    usual √(p(1−p)/(n−1)) for a 0/1 value). None with fewer than two prompts."""
+    import numpy as np
+
+    by_prompt: dict[str, list[float]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_id"], []).append(float(r.get(key, 0.0)))
+    if len(by_prompt) < 2:
+        return None
+    means = np.array([np.mean(v) for v in by_prompt.values()])
+    return float(means.std(ddof=1) / np.sqrt(len(means)))
+
+
+METRIC_COLUMNS = [
+    ("iteration", "iter", "{:d}"), ("mean_reward", "reward", "{:+.3f}"),
+    ("gold_accuracy", "gold", "{:.1%}"), ("mean_tokens", "tokens", "{:.1f}"),
+    ("mean_chars", "chars", "{:.0f}"), ("win_rate", "WR%", "rate"),
+    ("lc_win_rate", "LC%", "rate"), ("kl", "KL", "{:.2f}"), ("eos_rate", "EOS%", "{:.0%}"),
+]
+
+
+def format_metrics_row(record: dict, header: bool = False) -> str:
+    from prefloop.evaluate import format_rate
+
+    cells = []
+    for key, _, fmt in METRIC_COLUMNS:
+        value = record.get(key)
+        if value is None:
+            cells.append("-")
+        else:  # a degenerate LC of 1.6e-05 % must not read as 0.0
+            cells.append(format_rate(value) if fmt == "rate" else fmt.format(value))
+    line = "  ".join(f"{c:>8}" for c in cells)
+    if header:
+        head = "  ".join(f"{h:>8}" for _, h, _ in METRIC_COLUMNS)
+        return head + "\n" + line
+    return line

@@ -1,0 +1,331 @@
+"""One run directory: where every artifact of a run lives, its manifest, and the rules for
+starting, resuming, extending and redoing a run in it. The loop, the report, the demo and
+the CLI take their paths from `RunDir` only.
+
+    runs/NAME/
+      config.yaml  manifest.json  metrics.jsonl
+      iter_0/ eval_samples.jsonl eval.json                 (the initial policy)
+      iter_t/ samples.jsonl scored.jsonl pairs.jsonl policy/ eval_samples.jsonl eval.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefloop import io
+from prefloop.errors import PrefloopError
+
+STAGES = ("sample", "score", "pair", "train", "evaluate")
+
+# Every file a run writes: (path relative to the run directory, what it holds). The README's
+# artifact table is checked against this list by a test.
+ARTIFACTS: tuple[tuple[str, str], ...] = (
+    ("config.yaml", "the resolved config the run was started (or last extended / redone) with"),
+    ("manifest.json", "config hash, versions, seed; per stage its status, seconds and counts "
+                      "(pairing stats, truncation; per train stage the α mode, α at the first "
+                      "and last step and its mean, the measured start length, the length target)"),
+    ("metrics.jsonl", "one row per evaluated iteration (0 = π₀): reward, gold accuracy ± SE, "
+                      "mean/median length ± SE, win rate, LC win rate, KL, EOS rate, α, length "
+                      "target"),
+    ("iter_0/eval_samples.jsonl", "π₀'s answers to the eval prompts with score and gold"),
+    ("iter_0/eval.json", "π₀'s metrics row"),
+    ("iter_t/samples.jsonl", "K samples per prompt from π_{t−1}: text, token ids, lengths, "
+                             "finish reason, log-prob, source (policy or reference)"),
+    ("iter_t/scored.jsonl", "the samples with their reward (not written by methods that pair "
+                            "without scores)"),
+    ("iter_t/pairs.jsonl", "the pairs trained on: TRL's column names plus token ids, scores, "
+                           "lengths, sampling log-probs"),
+    ("iter_t/policy/", "π_t as an HF model directory"),
+    ("iter_t/policy/train_log.jsonl", "per optimizer step: loss, rewards, margin, accuracy, "
+                                      "lr, α, length estimate"),
+    ("iter_t/policy/train_summary.json", "steps, pairs, seconds, truncation, length control"),
+    ("iter_t/eval_samples.jsonl", "π_t's answers to the eval prompts with score and gold"),
+    ("iter_t/eval.json", "π_t's metrics row"),
+)
+
+
+class RunDir:
+    """The paths of one run directory. `initial_policy` is π₀ (a hub id or a directory)."""
+
+    def __init__(self, root: str | Path, initial_policy: str = ""):
+        self.root = Path(root)
+        self.initial_policy = initial_policy
+
+    # -- run-level files
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    # -- per iteration
+    def iteration(self, t: int) -> Path:
+        return self.root / f"iter_{t}"
+
+    def samples(self, t: int) -> Path:
+        return self.iteration(t) / "samples.jsonl"
+
+    def scored(self, t: int) -> Path:
+        return self.iteration(t) / "scored.jsonl"
+
+    def pairs(self, t: int) -> Path:
+        return self.iteration(t) / "pairs.jsonl"
+
+    def policy(self, t: int) -> Path:
+        """π_t's model directory (t ≥ 1; π₀ lives wherever the config says, see policy_path)."""
+        return self.iteration(t) / "policy"
+
+    def train_log(self, t: int) -> Path:
+        return self.policy(t) / "train_log.jsonl"
+
+    def train_summary(self, t: int) -> Path:
+        return self.policy(t) / "train_summary.json"
+
+    def eval_samples(self, t: int) -> Path:
+        return self.iteration(t) / "eval_samples.jsonl"
+
+    def eval(self, t: int) -> Path:
+        return self.iteration(t) / "eval.json"
+
+    def output(self, t: int, stage: str) -> Path:
+        """The file whose presence (with the manifest's mark) says a stage is done."""
+        return {"sample": self.samples(t), "score": self.scored(t), "pair": self.pairs(t),
+                "train": self.policy(t) / "config.json", "evaluate": self.eval(t)}[stage]
+
+    def policy_path(self, t: int) -> str:
+        """π_t as a model path: the configured policy for t = 0, else iter_t/policy."""
+        return self.initial_policy if t == 0 else str(self.policy(t))
+
+    def reference_path(self, t: int, reference: str) -> str:
+        """Iteration t's reference model: π_{t−1} (``previous``) or π₀ (``initial``)."""
+        return self.policy_path(t - 1 if reference == "previous" else 0)
+
+    def iterations_present(self) -> list[int]:
+        """The t of every iter_t directory, in order."""
+        found = []
+        for sub in self.root.iterdir() if self.root.is_dir() else ():
+            name = sub.name.removeprefix("iter_")
+            if sub.is_dir() and sub.name.startswith("iter_") and name.isdigit():
+                found.append(int(name))
+        return sorted(found)
+
+    def read_metrics(self) -> list[dict]:
+        from prefloop.data import read_jsonl
+
+        return read_jsonl(self.metrics) if self.metrics.is_file() else []
+
+    def write_metrics(self, iterations: int) -> None:
+        """metrics.jsonl from every iteration's eval.json (iterations 0..`iterations`)."""
+        records = [json.loads(self.eval(t).read_text()) for t in range(iterations + 1)
+                   if self.eval(t).is_file()]
+        io.write_jsonl(self.metrics, records)
+
+
+# ---------------------------------------------------------------- stages and the manifest
+
+
+def stage_key(iteration: int, stage: str) -> str:
+    return f"iter_{iteration}/{stage}"
+
+
+def stage_order(key: str) -> tuple[int, int]:
+    try:
+        it, stage = key.split("/")
+        return int(it.removeprefix("iter_")), STAGES.index(stage)
+    except ValueError:
+        raise PrefloopError(
+            f"--redo-from: {key!r} is not ITER/STAGE, e.g. iter_2/train; stages: "
+            f"{', '.join(STAGES)}"
+        ) from None
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("prefloop", "torch", "transformers", "accelerate", "peft", "datasets"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+class Manifest:
+    """manifest.json: the config hash, versions, seeds, and each stage's status and timing."""
+
+    def __init__(self, path: Path, data: dict):
+        self.path, self.data = path, data
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest | None:
+        if not path.is_file():
+            return None
+        return cls(path, json.loads(path.read_text()))
+
+    def status(self, key: str) -> str | None:
+        return self.data["stages"].get(key, {}).get("status")
+
+    def done(self, key: str) -> bool:
+        return self.status(key) == "done"
+
+    def stage(self, key: str) -> dict[str, Any]:
+        return self.data["stages"].get(key, {})
+
+    def mark(self, key: str, **info: Any) -> None:
+        self.data["stages"][key] = {"status": "done", **info}
+        self.save()
+
+    def mark_skipped(self, key: str, reason: str) -> None:
+        self.data["stages"][key] = {"status": "skipped", "reason": reason}
+        self.save()
+
+    def forget_from(self, key: str) -> list[str]:
+        """Un-mark `key` and every stage after it; returns what was forgotten."""
+        cut = stage_order(key)
+        dropped = [k for k in sorted(self.data["stages"], key=stage_order)
+                   if stage_order(k) >= cut]
+        for k in dropped:
+            del self.data["stages"][k]
+        self.save()
+        return dropped
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.data.get("finished"))
+
+    def finish(self) -> None:
+        self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.save()
+
+    def completed(self) -> list[str]:
+        """Stages done or skipped, in the manifest's order."""
+        return [k for k, v in self.data["stages"].items()
+                if v.get("status") in ("done", "skipped")]
+
+    def save(self) -> None:
+        io.write_json(self.path, self.data)
+
+
+# ---------------------------------------------------------------- start, resume, redo
+
+
+class ConfigChanged(PrefloopError):
+    """A run directory started with another config than the one given now."""
+
+
+# Config keys that say where a run lives or how long it goes on, not what its stages compute:
+# they may differ between the recorded config and a resumed one.
+WHERE_NOT_WHAT = ("name", "run_dir", "iterations")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(run: RunDir, cfg: Any) -> tuple[list[str], int]:
+    """What differs between the run directory's config.yaml and `cfg`, as "key: old → new"
+    (keys that do not change what a stage computes left out), and the recorded number of
+    iterations."""
+    import yaml
+
+    from prefloop.config import to_dict
+
+    if not run.config.is_file():
+        raise PrefloopError(f"{run.root}: has manifest.json but no config.yaml; the run "
+                            "directory is damaged (use a new run_dir)")
+    recorded = _flatten(yaml.safe_load(run.config.read_text()) or {})
+    current = _flatten(to_dict(cfg))
+    changes = [f"{k}: {recorded.get(k, '(unset)')} → {current.get(k, '(unset)')}"
+               for k in sorted(set(recorded) | set(current))
+               if k not in WHERE_NOT_WHAT and recorded.get(k) != current.get(k)]
+    return changes, int(recorded.get("iterations", cfg.iterations))
+
+
+def open_run(run: RunDir, cfg: Any, procs: Any, resume: bool, redo_from: str | None,
+             overwrite: bool, echo: Callable[[str], None]) -> Manifest:
+    """The run's manifest, after the rules: a new directory is started (refused when it holds
+    other files, unless `overwrite`); an existing run continues only with the same config
+    (`resume`, or a finished one re-read), is extended (more `iterations`), or is redone
+    from a stage (`redo_from`, which may change the config). Every process checks alike; the
+    main one writes."""
+    from prefloop.config import config_hash, dump_yaml
+
+    digest = config_hash(cfg)
+    manifest = Manifest.load(run.manifest)
+    if redo_from:
+        it, _ = stage_order(redo_from)
+        if it > cfg.iterations:
+            raise PrefloopError(f"--redo-from: {redo_from} is past the run's last iteration "
+                                f"({cfg.iterations}); nothing would be redone")
+    if manifest is None:
+        # every process refuses alike (a raise on the main one alone would leave the
+        # others waiting at the barrier)
+        if run.root.is_dir() and any(run.root.iterdir()) and not overwrite:
+            raise PrefloopError(
+                f"{run.root}: exists, is not empty and holds no prefloop run "
+                "(no manifest.json); choose another run_dir, or pass --overwrite to "
+                "write the run among its files")
+        procs.barrier()  # every process has looked before the main one writes
+        if procs.is_main:
+            try:
+                run.root.mkdir(parents=True, exist_ok=True)
+                io.write_text(run.config, dump_yaml(cfg))
+            except OSError as e:
+                raise PrefloopError(f"{run.root}: cannot write the run directory ({e})") \
+                    from None
+            Manifest(run.manifest, {
+                "config_hash": digest, "seed": cfg.seed, "versions": library_versions(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": {},
+            }).save()
+        procs.barrier()
+        return Manifest.load(run.manifest)
+    changes, recorded_iterations = config_changes(run, cfg)
+    extend = cfg.iterations > recorded_iterations
+    if changes and not redo_from:
+        raise ConfigChanged(
+            f"{run.root}: the config differs from the one this run was started with ("
+            + "; ".join(changes) + "); use a new run_dir, or pass --redo-from ITER/STAGE "
+            "(e.g. iter_2/train) to redo from that stage")
+    if cfg.iterations < recorded_iterations and not redo_from:
+        raise ConfigChanged(
+            f"iterations: this run has {recorded_iterations}; a run can be extended "
+            f"(iterations={recorded_iterations + 1} --resume), not shortened")
+    if not (resume or manifest.finished or redo_from or extend):
+        raise PrefloopError(
+            f"{run.root}: an unfinished run is already here; pass --resume to continue it"
+        )
+    procs.barrier()
+    if procs.is_main and (redo_from or extend):
+        if redo_from:
+            dropped = manifest.forget_from(redo_from)
+            echo(f"redoing {len(dropped)} stage(s) from {redo_from}")
+        else:
+            echo(f"extending the run from {recorded_iterations} to {cfg.iterations} "
+                 "iterations")
+        manifest.data.pop("finished", None)
+        manifest.data["config_hash"] = digest
+        manifest.save()
+        io.write_text(run.config, dump_yaml(cfg))
+    procs.barrier()
+    return Manifest.load(run.manifest)

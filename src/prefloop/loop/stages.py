@@ -1,0 +1,334 @@
+"""The loop's stages: sample, score, pair, train, evaluate. Each reads the previous stage's
+artifact, writes its own (main process only, atomically) and returns what the manifest
+records. What a method needs comes from its row in `prefloop.methods`; no stage compares
+method names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from prefloop import io
+from prefloop.config import (
+    DataConfig,
+    RefineConfig,
+    RewardConfig,
+    SamplingConfig,
+    TrainConfig,
+    TrainingConfig,
+    from_dict,
+    to_dict,
+)
+from prefloop.data import load_rows, read_jsonl
+from prefloop.errors import PrefloopError
+from prefloop.loop.context import Context
+from prefloop.loop.metrics import evaluate_iteration, format_metrics_row
+from prefloop.loop.rundir import RunDir, stage_key
+from prefloop.methods import method
+from prefloop.pairing import PairingConfig
+from prefloop.sampling import PromptRecord
+from prefloop.workers import sample_prompts, score_rows
+
+# The reference's samples draw from their own seed stream: policy samples of iteration t use
+# sampling.seed + 1000·t, the reference's sampling.seed + 1000·t + REFERENCE_SEED_OFFSET.
+REFERENCE_SEED_OFFSET = 500
+
+
+# ---------------------------------------------------------------- sample
+
+
+def sample(ctx: Context, t: int, prompts: list[PromptRecord]) -> dict:
+    """K samples per prompt from π_{t−1}; a method that needs them adds the reference's
+    samples and the SFT targets. Every row says which model drew it (``source``)."""
+    cfg, run = ctx.cfg, ctx.run
+    m = method(cfg.pairing.strategy)
+    sampling = replace(cfg.sampling, seed=cfg.sampling.seed + 1000 * t)
+    # self-refinement that selects by reward is judged by the run's reward (never the eval's)
+    by_reward = sampling.refine.rounds > 0 and sampling.refine.select == "reward"
+    rows = sample_prompts(run.policy_path(t - 1), prompts, sampling, ctx.procs,
+                          cfg.trust_remote_code, ctx.progress, f"iter {t} sample",
+                          reward=cfg.reward if by_reward else None)
+    reference_rows = []
+    if m.reference_samples:
+        reference_rows = sample_prompts(
+            run.reference_path(t, cfg.reference), prompts,
+            reference_sampling(sampling, m.reference_samples), ctx.procs,
+            cfg.trust_remote_code, ctx.progress, f"iter {t} sample reference")
+    rows = merge_reference_samples(rows, reference_rows)
+    if m.targets:
+        from prefloop.models import load_tokenizer
+
+        attach_targets(rows, ctx.targets,
+                       load_tokenizer(run.policy_path(t - 1), cfg.trust_remote_code))
+    if ctx.procs.is_main:
+        io.write_jsonl(run.samples(t), rows)
+    info = {"rows": len(rows), "prompts": len(prompts)}
+    if reference_rows:
+        info.update(reference_rows=len(reference_rows),
+                    reference=run.reference_path(t, cfg.reference))
+    return info
+
+
+def reference_sampling(sampling: SamplingConfig, count: int) -> SamplingConfig:
+    """The config of the reference's draw (XPO's ỹ): `count` plain samples per prompt (no
+    self-refinement), on their own seed stream."""
+    return replace(sampling, num_samples=count, seed=sampling.seed + REFERENCE_SEED_OFFSET,
+                   refine=RefineConfig())
+
+
+def merge_reference_samples(policy_rows: list[dict], reference_rows: list[dict]) -> list[dict]:
+    """Policy samples then, per prompt, the reference's, tagged ``source`` policy|reference.
+
+    Reference samples are renumbered after the policy's (``sample_index`` K, K+1, …) so
+    each (prompt_id, sample_index) stays unique; rows keep the prompt order.
+    """
+    count: dict[str, int] = {}
+    for row in policy_rows:
+        row["source"] = "policy"
+        count[row["prompt_id"]] = count.get(row["prompt_id"], 0) + 1
+    by_prompt: dict[str, list[dict]] = {}
+    for row in reference_rows:
+        pid = row["prompt_id"]
+        row["source"] = "reference"
+        row["sample_index"] = count.get(pid, 0)
+        count[pid] = row["sample_index"] + 1
+        by_prompt.setdefault(pid, []).append(row)
+    out: list[dict] = []
+    for i, row in enumerate(policy_rows):
+        out.append(row)
+        last = i + 1 == len(policy_rows) or policy_rows[i + 1]["prompt_id"] != row["prompt_id"]
+        if last:
+            out += by_prompt.pop(row["prompt_id"], [])
+    for rows in by_prompt.values():  # prompts the policy gave no sample (none in practice)
+        out += rows
+    return out
+
+
+def attach_targets(rows: list[dict], targets: dict[str, str], tokenizer) -> None:
+    """Give every sample row its prompt's SFT target: ``target``, ``target_ids`` (the
+    response tokens, EOS included, exactly as training tokenises a response) and
+    ``target_chars``. SPIN pairs the target (y_w) with the sample (y_l)."""
+    from prefloop.data import render_prompt_response
+
+    texts: dict[str, str] = {}  # prompt id → the rendered target, one per prompt
+    for row in rows:
+        pid = row["prompt_id"]
+        if pid not in targets:
+            raise PrefloopError(f"prompt {pid!r}: no SFT target (prompts.target_column)")
+        if pid not in texts:
+            texts[pid] = render_prompt_response(tokenizer, row["prompt"], targets[pid])[1]
+    # one batched tokenizer call for every prompt's target
+    ids = tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"] if texts else []
+    encoded = dict(zip(texts, ids, strict=True))
+    for row in rows:
+        pid = row["prompt_id"]
+        row["target"] = targets[pid]
+        row["target_ids"] = encoded[pid]
+        row["target_chars"] = len(targets[pid])
+
+
+# ---------------------------------------------------------------- score
+
+
+def score(ctx: Context, t: int) -> dict:
+    cfg, run = ctx.cfg, ctx.run
+    reward = iteration_reward(cfg.reward, t, run, cfg.reference)
+    rows = read_jsonl(run.samples(t))
+    scores = score_rows(rows, reward, ctx.procs, cfg.trust_remote_code, ctx.progress,
+                        f"iter {t} score", source=str(run.samples(t)), scorers=ctx.scorers)
+    if ctx.procs.is_main:
+        io.write_jsonl(run.scored(t),
+                       [{**r, "score": s} for r, s in zip(rows, scores, strict=True)])
+    info: dict = {"rows": len(rows)}
+    if reward.type == "implicit":
+        info["implicit_reward"] = {"model": reward.model, "reference": reward.reference}
+    return info
+
+
+def iteration_reward(reward: RewardConfig, t: int, run: RunDir, reference: str) -> RewardConfig:
+    """The scorer of iteration t. For ``type: implicit`` (DICE) it is the implicit reward
+    ``β·(log π_{t−1}(y|x) − log π_ref,t−1(y|x))`` of the policy that samples, against the
+    reference it was trained with: iteration 1 uses the configured ``reward.reference``
+    (π₀'s own DPO reference); later ones the reference of iteration t−1 (π_{t−2} for
+    ``reference: previous``, π₀ for ``initial``). Other reward types are returned as is.
+    """
+    if reward.type != "implicit":
+        return reward
+    ref = reward.reference if t == 1 else run.reference_path(t - 1, reference)
+    return replace(reward, model=run.policy_path(t - 1), reference=ref)
+
+
+# ---------------------------------------------------------------- pair
+
+
+def pair(ctx: Context, t: int) -> dict:
+    from prefloop.pairing import make_pairs
+
+    cfg, run = ctx.cfg, ctx.run
+    source = run.scored(t) if method(cfg.pairing.strategy).scored else run.samples(t)
+    rows = read_jsonl(source)
+    replay = load_rows(cfg.replay_data) if cfg.replay_data else []
+    pairing = PairingConfig(**{**vars(cfg.pairing), "seed": cfg.pairing.seed + t})
+    pairs, stats = make_pairs(rows, pairing, replay, source=str(source),
+                              replay_source=cfg.replay_data)
+    if not pairs:
+        raise PrefloopError(f"{source}: no pairs (all {stats.prompts} prompts tied or below "
+                            "the margin); raise sampling.temperature or num_samples")
+    if ctx.procs.is_main:
+        io.write_jsonl(run.pairs(t), pairs)
+        rso = (f", rejection sampling kept {stats.rso_accepted} of "
+               f"{stats.rso_accepted + stats.rso_rejected}"
+               if pairing.rejection_sampling.enabled else "")
+        ctx.echo(f"iter {t}: {stats.pairs} pairs from {stats.prompts} prompts, "
+                 f"{stats.ties_dropped} ties dropped{rso}, length gap "
+                 f"{stats.mean_length_gap:+.1f} {pairing.length_unit}"
+                 + ("" if math.isnan(stats.neutral_alpha) else
+                    f" (length-neutral α {stats.neutral_alpha:.3g})"))
+    return {"pairing": stats.as_dict()}
+
+
+# ---------------------------------------------------------------- train
+
+
+def train(ctx: Context, t: int) -> dict:
+    from prefloop.data import pairs_from_rows
+    from prefloop.models import load_tokenizer
+    from prefloop.trainer import train_preferences
+
+    cfg, run = ctx.cfg, ctx.run
+    rows = read_jsonl(run.pairs(t))
+    start = run.policy_path(t - 1)
+    tok = load_tokenizer(start, cfg.trust_remote_code)
+    d = cfg.data
+    pairs, stats = pairs_from_rows(rows, tok, d.max_length, d.max_prompt_length,
+                                   d.truncation, str(run.pairs(t)))
+    # the sampler's log-probs are π_{t−1}'s: the reference's when it is π_{t−1}; vLLM's come
+    # from other kernels (bf16 on GPUs), so with it one no-grad pass instead
+    sampled_by_reference = cfg.reference == "previous" or t == 1
+    train_cfg = TrainConfig(
+        model=start,
+        reference="" if sampled_by_reference else run.policy_path(0),
+        reuse_sampling_logps=sampled_by_reference and cfg.sampling.backend == "hf",
+        output_dir=str(run.policy(t)),
+        trust_remote_code=cfg.trust_remote_code,
+        data=DataConfig(**{**vars(d), "path": str(run.pairs(t))}),
+        loss=cfg.loss,
+        training=from_dict(TrainingConfig, {**to_dict(cfg.training),
+                                            "seed": cfg.training.seed + t}),
+    )
+    goal = length_goal(ctx, t) if cfg.loss.alpha_mode == "target" else None
+    result = train_preferences(train_cfg, pairs=pairs, progress=ctx.progress, length_goal=goal)
+    last = result.log[-1]
+    info = {"steps": result.steps, "pairs": len(pairs), "truncation": stats.as_dict(),
+            "final_loss": last["loss"], "final_accuracy": last["accuracy"],
+            "reference_seconds": round(result.reference_seconds, 3)}
+    if result.length_control:
+        lc = result.length_control  # recorded as: alpha (first step), alpha_last, …
+        info.update(alpha=lc["alpha_first"], alpha_last=lc["alpha_last"],
+                    alpha_mean=lc["alpha_mean"], alpha_mode=lc["mode"],
+                    **{k: lc[k] for k in ("start_length", "target_length") if k in lc})
+        ctx.echo(f"iter {t}: " + _describe_alpha(lc, cfg.loss.length_unit, goal))
+    return info
+
+
+def _describe_alpha(lc: dict, length_unit: str, goal) -> str:
+    unit = length_unit[:-1]
+    fixed = {"fixed": f"α = {lc['alpha_first']:.4g} per {unit} (fixed)",
+             "first_step": f"α = {lc['alpha_first']:.4g} per {unit} (length-neutral first "
+                           "step)"}
+    if lc["mode"] in fixed:
+        return fixed[lc["mode"]]
+    text = (f"α {lc['alpha_first']:.4g} → {lc['alpha_last']:.4g} per {unit} (mean "
+            f"{lc['alpha_mean']:.4g}, {lc['mode']})")
+    if goal is not None:
+        text += f"; sampled at {goal.start:.1f} {length_unit}, target {goal.target:.1f}"
+    return text
+
+
+def length_goal(ctx: Context, t: int):
+    """The target mode's start (π_{t−1}'s mean sample length, measured on iteration t's
+    samples) and target (`length_control.target`, else π₀'s, from iteration 1's)."""
+    from prefloop.length_control import LengthGoal
+
+    unit = ctx.cfg.loss.length_unit
+
+    def mean_length(it: int) -> float:
+        key = "num_chars" if unit == "chars" else "num_tokens"
+        rows = [r for r in read_jsonl(ctx.run.samples(it))
+                if r.get("source", "policy") == "policy"]
+        return sum(r[key] for r in rows) / len(rows)
+
+    target = ctx.cfg.loss.length_control.target or mean_length(1)
+    start = mean_length(t)
+    if min(start, target) <= 0:
+        raise PrefloopError(f"loss.length_control: the sampled answers are empty (mean "
+                            f"length {start} {unit}, target {target}); no length to hold")
+    return LengthGoal(start, target)
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def evaluate(ctx: Context, t: int) -> dict:
+    cfg, run = ctx.cfg, ctx.run
+    if not ctx.eval_prompts:
+        if ctx.procs.is_main:
+            io.write_json(run.eval(t), {"iteration": t})
+        return {}
+    rows = sample_prompts(run.policy_path(t), ctx.eval_prompts, cfg.eval.sampling, ctx.procs,
+                          cfg.trust_remote_code, ctx.progress, f"iter {t} eval")
+    scores = score_rows(rows, cfg.eval.reward or cfg.reward, ctx.procs, cfg.trust_remote_code,
+                        ctx.progress, f"iter {t} eval score", scorers=ctx.scorers)
+    for row, s in zip(rows, scores, strict=True):
+        row["score"] = s
+    if cfg.eval.gold:
+        from prefloop.rewards import gold_values
+
+        gold = gold_values(cfg.eval.gold, [r["prompt"] for r in rows],
+                           [r["response"] for r in rows])
+        for row, g in zip(rows, gold, strict=True):
+            row["gold"] = g
+    if not ctx.procs.is_main:
+        return {}
+    baseline = read_jsonl(run.eval_samples(0)) if t else rows
+    record = evaluate_iteration(t, rows, baseline, initial_logps(ctx, rows) if t else None,
+                                cfg.eval.lc_fit)
+    trained = ctx.manifest.stage(stage_key(t, "train")) if t else {}
+    record.update({k: trained[k] for k in ("alpha", "alpha_last", "alpha_mean")
+                   if k in trained})
+    if "target_length" in trained:
+        record.update(length_target=trained["target_length"],
+                      length_target_unit=cfg.loss.length_unit)
+    io.write_jsonl(run.eval_samples(t), rows)
+    io.write_json(run.eval(t), record)
+    run.write_metrics(cfg.iterations)
+    ctx.echo(format_metrics_row(record, header=t == 0))
+    _warn(ctx, t, record)
+    return {}
+
+
+def _warn(ctx: Context, t: int, record: dict) -> None:
+    from prefloop.evaluate import EOS_WARNING
+
+    if record["eos_rate"] < EOS_WARNING:
+        ctx.echo(f"iter {t}: warning: {1 - record['eos_rate']:.0%} of the eval answers hit "
+                 f"eval.sampling.max_new_tokens ({ctx.cfg.eval.sampling.max_new_tokens}): "
+                 "their lengths and the KL estimate are of cut answers")
+    for warning in record.get("lc_warnings", []):
+        ctx.echo(f"iter {t}: warning: length-controlled win rate: {warning}")
+
+
+def initial_logps(ctx: Context, rows: list[dict]) -> list[float] | None:
+    """log π₀(y|x) of the current policy's eval samples, for the KL estimate."""
+    if any(r.get("logprob") is None for r in rows):
+        return None
+    from prefloop.logprobs import sequence_logps
+    from prefloop.models import load_causal_lm, load_tokenizer
+
+    policy = ctx.run.policy_path(0)
+    tok = load_tokenizer(policy, ctx.cfg.trust_remote_code)
+    model = load_causal_lm(policy, ctx.cfg.trust_remote_code)
+    values = sequence_logps(model, [r["prompt_ids"] for r in rows],
+                            [r["response_ids"] for r in rows], tok.pad_token_id)
+    return values.tolist()
