@@ -107,7 +107,7 @@ def install(clock: Clock) -> None:
     import prefloop.data
     import prefloop.io
     import prefloop.logprobs
-    import prefloop.loop
+    import prefloop.loop.stages
 
     def forward_call(self, *a, **k):
         inside = clock.in_generate > 0
@@ -165,7 +165,7 @@ def install(clock: Clock) -> None:
     for cls in (PreTrainedModel, PreTrainedTokenizerBase):
         cls.save_pretrained = clock.wrap(cls.save_pretrained, "load_save")
     for module, name in ((prefloop.io, "write_jsonl"), (prefloop.io, "write_json"),
-                         (prefloop.data, "read_jsonl"), (prefloop.loop, "read_jsonl")):
+                         (prefloop.data, "read_jsonl"), (prefloop.loop.stages, "read_jsonl")):
         setattr(module, name, clock.wrap(getattr(module, name), "json_io"))
 
 
@@ -176,7 +176,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     from prefloop.demo import DemoConfig, _paths, build_testbed, run_config, write_prompt_sets
-    from prefloop.loop import Loop
+    from prefloop.loop import driver, run
 
     torch.set_num_threads(spec["threads"])
     cfg = DemoConfig(iterations=spec["iterations"], cache_dir=spec["cache_dir"], **spec["demo"])
@@ -190,15 +190,14 @@ def worker(spec: dict) -> dict:
     clock = Clock()
     install(clock)
     split: dict[str, dict[str, float]] = {}
-    stage = Loop.stage
+    stage = driver._run_stage
 
-    def timed_stage(self, t, name, artifact, fn):
+    def timed_stage(ctx, result, t, name, fn):
         before = clock.snapshot()
-        stage(self, t, name, artifact, fn)
+        stage(ctx, result, t, name, fn)
         split[f"iter_{t}/{name}"] = {k: v - before[k] for k, v in clock.snapshot().items()}
 
-    Loop.stage = timed_stage
-    loop = Loop(run_cfg, progress=False, echo=lambda *a, **k: None)
+    driver._run_stage = timed_stage
     profiler = None
     if spec.get("profile"):
         import cProfile
@@ -206,7 +205,7 @@ def worker(spec: dict) -> dict:
         profiler = cProfile.Profile()
         profiler.enable()
     start = time.perf_counter()
-    loop.run()
+    run(run_cfg, progress=False)
     wall = time.perf_counter() - start
     if profiler is not None:
         profiler.disable()
