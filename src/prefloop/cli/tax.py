@@ -55,12 +55,13 @@ def _iterations(text: str) -> list[int] | str:
 
 
 def _cmd_alignment_tax(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from prefloop.alignment_tax import (
         SUMMARY_FILE,
         TaxConfig,
         evaluate_policies,
         format_delta,
-        format_score,
         run_policies,
         shown_rows,
     )
@@ -84,9 +85,9 @@ def _cmd_alignment_tax(args: argparse.Namespace) -> int:
     models = run_policies(args.run_dir, cfg.iterations)
     echo = (lambda _text: None) if args.quiet else print
     summary = evaluate_policies(cfg, models, args.run_dir, overwrite=args.overwrite, echo=echo)
-    rows = [(r["task"], r["metric"], format_score(r["baseline"], r["baseline_stderr"]),
-             str(r["iteration"]), format_score(r["value"], r["stderr"]), format_delta(r))
-            for r in shown_rows(summary["rows"])]
-    print_grid(f"prefloop alignment-tax: {args.run_dir} ({args.run_dir}/{SUMMARY_FILE})",
-               ["task", "metric", "π₀", "t", "π_t", "Δ ± se"], rows)
+    # scores without their standard errors (in the files), so that the table fits 80 columns
+    rows = [(r["task"], r["metric"], str(r["iteration"]), f"{r['baseline']:.4f}",
+             f"{r['value']:.4f}", format_delta(r)) for r in shown_rows(summary["rows"])]
+    print_grid(f"prefloop alignment-tax: {Path(args.run_dir) / SUMMARY_FILE}",
+               ["task", "metric", "t", "π₀", "π_t", "Δ ± se"], rows)
     return 0
