@@ -237,7 +237,9 @@ def test_unknown_task_names_close_matches(models, task_dir, tmp_path, capsys):
                                             f"matches: {TASK}"):
         evaluate_policies(cfg, {0: models["pi0"]}, tmp_path)
     run = _run_dir(tmp_path, models)
-    assert main(["alignment-tax", str(run), "--tasks", "arc_easyy"]) == 2
+    # lm_eval's own tasks are listed too (the include path only adds to them)
+    assert main(["alignment-tax", str(run), "--tasks", "arc_easyy", "--include-path",
+                 str(task_dir)]) == 2
     err = capsys.readouterr().err
     assert "unknown lm_eval task 'arc_easyy'; close matches: arc_easy" in err
     assert len(err.strip().splitlines()) == 1

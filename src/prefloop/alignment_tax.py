@@ -8,7 +8,7 @@ policy π₀ (Δ = π_t − π₀) and lm_eval's standard errors::
 
     cfg = TaxConfig(tasks=["arc_easy", "hellaswag"], iterations=[0, 3], limit=200)
     models = run_policies("runs/ilr", cfg.iterations)   # {0: π₀, 3: "runs/ilr/iter_3/policy"}
-    summary = evaluate_policies(cfg, models, "runs/ilr")
+    summary = evaluate_policies(cfg, models, "runs/ilr")  # or: evaluate_run(cfg, "runs/ilr")
 
 Files (written atomically; layout of the per-model file in :func:`evaluate_model`):
 
@@ -42,6 +42,7 @@ __all__ = [
     "TaxConfig",
     "evaluate_model",
     "evaluate_policies",
+    "evaluate_run",
     "load_results",
     "run_policies",
     "tax_rows",
@@ -281,10 +282,12 @@ def evaluate_model(cfg: TaxConfig, model: str) -> dict[str, Any]:
             model="hf", model_args=model_args, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
             batch_size=cfg.batch_size, device=_device(cfg.device), limit=_limit(cfg.limit),
             task_manager=manager, log_samples=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a model or dataset that cannot be read or fetched
         from prefloop.models import load_error
 
-        raise load_error(model, "model or task data", e) from None
+        reason = str(load_error(model, "", e)).split(": cannot load  ", 1)[-1]
+        raise PrefloopError(f"alignment tax: lm_eval on {model} with {', '.join(cfg.tasks)}: "
+                            f"cannot load the model or a task's data {reason}") from None
     if output is None:  # simple_evaluate returns None on the non-main processes
         raise PrefloopError("alignment tax: lm_eval returned no results (run it as one process)")
     n = output.get("n-samples") or {}
@@ -354,6 +357,20 @@ def evaluate_policies(
     }
     write_json(out_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def evaluate_run(
+    cfg: TaxConfig,
+    run_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """:func:`evaluate_policies` on a run directory's π₀ and its `cfg.iterations` policies
+    (:func:`run_policies`), files written into the run directory."""
+    cfg.validate()
+    models = run_policies(run_dir, cfg.iterations)
+    return evaluate_policies(cfg, models, run_dir, overwrite=overwrite, echo=echo)
 
 
 # ------------------------------------------------------------------- reading and tax rows

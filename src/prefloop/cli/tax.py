@@ -60,9 +60,8 @@ def _cmd_alignment_tax(args: argparse.Namespace) -> int:
     from prefloop.alignment_tax import (
         SUMMARY_FILE,
         TaxConfig,
-        evaluate_policies,
+        evaluate_run,
         format_delta,
-        run_policies,
         shown_rows,
     )
     from prefloop.summary import print_grid
@@ -82,9 +81,8 @@ def _cmd_alignment_tax(args: argparse.Namespace) -> int:
                     include_path=args.include_path or "", device=args.device,
                     trust_remote_code=args.trust_remote_code)
     cfg.validate("--")
-    models = run_policies(args.run_dir, cfg.iterations)
     echo = (lambda _text: None) if args.quiet else print
-    summary = evaluate_policies(cfg, models, args.run_dir, overwrite=args.overwrite, echo=echo)
+    summary = evaluate_run(cfg, args.run_dir, overwrite=args.overwrite, echo=echo)
     # scores without their standard errors (in the files), so that the table fits 80 columns
     rows = [(r["task"], r["metric"], str(r["iteration"]), f"{r['baseline']:.4f}",
              f"{r['value']:.4f}", format_delta(r)) for r in shown_rows(summary["rows"])]
