@@ -16,8 +16,8 @@ Files (written atomically; layout of the per-model file in :func:`evaluate_model
     OUT/alignment_tax_summary.json       every model's scores against π₀ (:func:`tax_rows`)
 
 A model whose file exists with the same settings (tasks, limit, few-shot count, task
-directory, model arguments, the model's path and files) is not evaluated again unless
-``overwrite``. lm_eval is an optional dependency (``pip install 'prefloop[lm-eval]'``); it is
+directory, model arguments, and the model: a hub id, or a local directory's files) is not
+evaluated again unless ``overwrite``. lm_eval is an optional dependency (``pip install 'prefloop[lm-eval]'``); it is
 imported only when a model is evaluated, so this module and the report import without it.
 """
 
