@@ -17,8 +17,9 @@ Files (written atomically; layout of the per-model file in :func:`evaluate_model
 
 A model whose file exists with the same settings (tasks, limit, few-shot count, task
 directory, model arguments, and the model: a hub id, or a local directory's files) is not
-evaluated again unless ``overwrite``. lm_eval is an optional dependency (``pip install 'prefloop[lm-eval]'``); it is
-imported only when a model is evaluated, so this module and the report import without it.
+evaluated again unless ``overwrite``. lm_eval is an optional dependency (``pip install
+'prefloop[lm-eval]'``); it is imported only when a model is evaluated, so this module and the
+report import without it.
 """
 
 from __future__ import annotations
