@@ -29,6 +29,8 @@ The run directory layout it reads (written by the loop)::
                                      "num_tokens", "num_chars"} per evaluated response
     RUN/iter_<t>/policy/train_log.jsonl  optional; per-step {"step", "loss", "accuracy",
                                      "alpha"?, ...} (the loop writes it beside the policy)
+    RUN/iter_<t>/alignment_tax.json  optional; lm-evaluation-harness scores of the policy
+                                     (prefloop.alignment_tax, `prefloop alignment-tax`)
 
 Optional files and fields that are missing are skipped (their plot or column is left out).
 A run directory without ``metrics.jsonl``, or a file that is not valid JSONL, raises
@@ -828,8 +830,59 @@ def _html_page(
         parts.append(f'<p class="meta">judged by the {html.escape(run.judge)}</p>')
         parts.append(_iteration_table(run))
         parts.extend(f'<p class="warn">{html.escape(text)}</p>' for text in _warnings(run))
+    parts.append(_alignment_tax_html(runs))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _alignment_tax_html(runs: Sequence[RunData]) -> str:
+    """Section "Alignment tax": each run's lm-evaluation-harness scores per task and metric
+    (RUN/iter_<t>/alignment_tax.json, from `prefloop alignment-tax`), π_t against π₀. A Δ
+    against the metric's better direction by more than two standard errors is marked. Empty
+    when no run has such files."""
+    from prefloop.alignment_tax import (
+        format_delta,
+        format_score,
+        load_results,
+        shown_rows,
+        tax_rows,
+    )
+
+    parts = []
+    for run in runs:
+        records = load_results(run.path)
+        if not records:
+            continue
+        parts.append(f"<h3>{html.escape(run.name)}</h3>")
+        rows = shown_rows(tax_rows(records))
+        if not rows:
+            parts.append("<p>No alignment_tax.json of iteration 0 (the baseline): run "
+                         "<code>prefloop alignment-tax</code> again to evaluate π₀.</p>")
+            continue
+        body = []
+        for r in rows:
+            se, better = r["delta_stderr"], r["higher_is_better"]
+            worse = (better is not None and se is not None and r["iteration"] != 0
+                     and (r["delta"] if better else -r["delta"]) < -2 * se)
+            cells = [r["task"], r["metric"], str(r["iteration"]),
+                     format_score(r["baseline"], r["baseline_stderr"]),
+                     format_score(r["value"], r["stderr"])]
+            delta = html.escape(format_delta(r))
+            body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
+                        + (f'<td class="up">{delta}</td>' if worse else f"<td>{delta}</td>")
+                        + "</tr>")
+        head = "".join(f"<th>{h}</th>" for h in
+                       ("task", "metric", "iteration t", "π₀", "π_t", "Δ = π_t − π₀ ± se"))
+        parts.append(f'<table class="alignment-tax"><thead><tr>{head}</tr></thead>'
+                     f"<tbody>{''.join(body)}</tbody></table>")
+    if not parts:
+        return ""
+    return ('<section id="alignment-tax"><h2>Alignment tax (lm-evaluation-harness)</h2>'
+            "<p>Scores of each policy on standard benchmarks, run by lm-evaluation-harness, "
+            "and their change from the initial policy π₀: a drop is knowledge or skill the "
+            "preference training cost. ± is lm_eval's standard error; Δ's treats the two "
+            "scores as independent, an upper bound since they share the documents. A drop "
+            "larger than two standard errors is in red.</p>" + "".join(parts) + "</section>")
 
 
 # ----------------------------------------------------------------------------------- API

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prefloop.cli import demo, derive, evaluation, info, stages, training
+from prefloop.cli import demo, derive, evaluation, info, stages, tax, training
 from prefloop.cli.common import close_process_group, quiet_libraries
 from prefloop.errors import PrefloopError
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # registration order is the order `prefloop --help` lists the commands in
-    for family in (training, stages, evaluation, demo, derive, info):
+    for family in (training, stages, evaluation, tax, demo, derive, info):
         family.add_parsers(sub)
     return parser
 

@@ -1,0 +1,349 @@
+"""The alignment-tax step: lm-evaluation-harness on tiny local models and a task in local files.
+
+The task is a 10-item multiple-choice addition quiz scored by log-likelihood; its scores are
+checked against the models' own log-likelihoods of the choices, computed here with plain
+transformers. Nothing is downloaded: the task's data is a local JSONL file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from prefloop import alignment_tax as tax
+from prefloop.alignment_tax import TaxConfig, evaluate_policies, run_policies
+from prefloop.cli import main
+from prefloop.errors import PrefloopError
+from tests.conftest import write_jsonl
+
+pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TASK = "prefloop_tiny_add"
+
+
+def _docs(n: int = 10) -> list[dict]:
+    rng = random.Random(0)
+    docs = []
+    for _ in range(n):
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        choices = [f"{a} plus {b} is {a + b + d}." for d in (0, 1, -2, 3)]
+        rng.shuffle(choices)
+        docs.append({"a": a, "b": b, "choices": choices,
+                     "label": choices.index(f"{a} plus {b} is {a + b}.")})
+    return docs
+
+
+def _context(doc: dict) -> str:
+    return f"Question: What is {doc['a']} plus {doc['b']}?\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    """An lm_eval task in local files: YAML + JSONL (data_files needs an absolute path)."""
+    d = tmp_path_factory.mktemp("lm_eval_task")
+    write_jsonl(d / "data.jsonl", _docs())
+    (d / f"{TASK}.yaml").write_text(f"""\
+task: {TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {d / 'data.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: What is {{{{a}}}} plus {{{{b}}}}?\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+""")
+    return d
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer) -> dict[str, str]:
+    """Two tiny Llamas that differ only in their random weights (seed 0 and 1)."""
+    from prefloop.tiny import build_causal_lm, save_pretrained_pair
+
+    d = tmp_path_factory.mktemp("tax_models")
+    return {name: str(save_pretrained_pair(build_causal_lm("llama", tokenizer, "nano",
+                                                           seed=seed), tokenizer, d / name))
+            for name, seed in (("pi0", 0), ("pi2", 1))}
+
+
+def _run_dir(root: Path, models: dict[str, str]) -> Path:
+    """A run directory as `prefloop run` lays it out, as far as this step reads it."""
+    run = root / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"name: tax\npolicy: {models['pi0']}\n")
+    shutil.copytree(models["pi2"], run / "iter_2" / "policy")
+    (run / "iter_1").mkdir()  # an iteration without a trained policy (interrupted)
+    return run
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, models, task_dir):
+    run = _run_dir(tmp_path_factory.mktemp("tax_run"), models)
+    cfg = TaxConfig(tasks=[TASK], include_path=str(task_dir), batch_size=3, device="cpu")
+    summary = evaluate_policies(cfg, run_policies(run, "last"), run, echo=lambda _: None)
+    return run, cfg, summary
+
+
+def _own_scores(model_path: str, docs: list[dict]) -> dict[str, float]:
+    """acc and acc_norm from the model's log-likelihood of each choice after the question,
+    computed with plain transformers (lm_eval's definitions: argmax of the summed
+    log-likelihood, and of it divided by the choice's length in characters)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    acc = acc_norm = 0
+    for doc in docs:
+        ctx = _context(doc)
+        lls = []
+        for choice in doc["choices"]:
+            n_ctx = len(tok(ctx, add_special_tokens=False).input_ids)
+            ids = tok(ctx + " " + choice, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+            lls.append(sum(logp[i - 1, ids[i]].item() for i in range(n_ctx, len(ids))))
+        acc += max(range(4), key=lambda i: lls[i]) == doc["label"]
+        norm = [ll / len(c) for ll, c in zip(lls, doc["choices"], strict=True)]
+        acc_norm += max(range(4), key=lambda i: norm[i]) == doc["label"]
+    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs)}
+
+
+def _mean_se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / (n - 1))  # lm_eval's mean_stderr: sample std / √n
+
+
+# ----------------------------------------------------------------------- the numbers
+
+
+def test_scores_are_each_models_own_loglikelihood_accuracy(evaluated, models):
+    run, _, _ = evaluated
+    own = {}
+    for name, t in (("pi0", 0), ("pi2", 2)):
+        record = json.loads((run / f"iter_{t}" / "alignment_tax.json").read_text())
+        assert record["iteration"] == t and record["samples"] == {TASK: 10}
+        own[t] = _own_scores(models[name], _docs())
+        for metric in ("acc", "acc_norm"):
+            score = record["scores"][TASK][metric]
+            assert score["value"] == pytest.approx(own[t][metric], abs=1e-9), (name, metric)
+            assert score["stderr"] == pytest.approx(_mean_se(own[t][metric], 10))
+            assert score["higher_is_better"] is True
+    # two different models: their own results, not one model's twice
+    assert own[0]["acc"] != own[2]["acc"]
+
+
+def test_files_and_summary_hold_each_delta(evaluated, models):
+    run, _, summary = evaluated
+    assert summary == json.loads((run / "alignment_tax_summary.json").read_text())
+    assert summary["models"] == {"0": models["pi0"], "2": str(run / "iter_2" / "policy")}
+    assert summary["files"] == {"0": "iter_0/alignment_tax.json",
+                                "2": "iter_2/alignment_tax.json"}
+    assert not (run / "iter_1" / "alignment_tax.json").exists()
+    scores = {t: json.loads((run / f"iter_{t}" / "alignment_tax.json").read_text())["scores"]
+              for t in (0, 2)}
+    later = [r for r in summary["rows"] if r["iteration"] == 2]
+    assert sorted(r["metric"] for r in later) == ["acc", "acc_norm"]
+    for r in later:
+        b, s = scores[0][TASK][r["metric"]], scores[2][TASK][r["metric"]]
+        assert (r["baseline"], r["value"]) == (b["value"], s["value"])
+        assert r["delta"] == pytest.approx(s["value"] - b["value"]) and r["delta"] != 0
+        assert r["delta_stderr"] == pytest.approx(math.hypot(b["stderr"], s["stderr"]))
+    assert all(r["delta"] == 0 for r in summary["rows"] if r["iteration"] == 0)
+    settings = json.loads((run / "iter_2" / "alignment_tax.json").read_text())["settings"]
+    assert settings["tasks"] == [TASK] and settings["model"].startswith("dir:")
+
+
+def test_limit_and_few_shot_reach_lm_eval(models, task_dir, tmp_path):
+    cfg = TaxConfig(tasks=[TASK], include_path=str(task_dir), limit=4, num_fewshot=1,
+                    device="cpu")
+    summary = evaluate_policies(cfg, {0: models["pi0"]}, tmp_path, echo=lambda _: None)
+    record = json.loads((tmp_path / "iter_0" / "alignment_tax.json").read_text())
+    assert record["samples"] == {TASK: 4} and record["num_fewshot"] == {TASK: 1}
+    assert record["settings"]["limit"] == 4 and record["settings"]["num_fewshot"] == 1
+    # only π₀: its rows are shown, with Δ 0
+    assert [(r["iteration"], r["delta"]) for r in summary["rows"]] == [(0, 0.0), (0, 0.0)]
+
+
+# ------------------------------------------------------------------- re-runs and the CLI
+
+
+def test_rerun_keeps_finished_models_and_redoes_on_overwrite_or_new_settings(
+        evaluated, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(evaluated[0], run)
+    calls = []
+    real = tax.evaluate_model
+    monkeypatch.setattr(tax, "evaluate_model",
+                        lambda cfg, model: calls.append(model) or real(cfg, model))
+    before = (run / "iter_2" / "alignment_tax.json").read_text()
+    argv = ["alignment-tax", str(run), "--tasks", TASK, "--include-path",
+            evaluated[1].include_path, "--device", "cpu", "-q"]
+    assert main(argv) == 0
+    assert calls == []  # both files matched: nothing evaluated
+    out = capsys.readouterr().out
+    row = next(r for r in evaluated[2]["rows"] if r["iteration"] == 2 and r["metric"] == "acc")
+    assert re.search(rf"{TASK} +│ +acc │ +2 │ +{row['baseline']:.4f} │ +{row['value']:.4f} │ "
+                     rf"+{row['delta']:+.4f} ± {row['delta_stderr']:.4f}", out), out
+    assert (run / "iter_2" / "alignment_tax.json").read_text() == before
+
+    assert main([*argv, "--overwrite"]) == 0
+    assert sorted(calls) == sorted([evaluated[2]["models"]["0"], str(run / "iter_2" / "policy")])
+    calls.clear()
+    assert main([*argv, "--limit", "5"]) == 0  # other settings: evaluated again
+    assert len(calls) == 2
+    assert json.loads((run / "iter_2" / "alignment_tax.json").read_text())["samples"] == {
+        TASK: 5}
+    calls.clear()
+    (run / "iter_2" / "policy" / "model.safetensors").touch()  # retrained in place
+    assert main([*argv, "--limit", "5"]) == 0
+    assert calls == [str(run / "iter_2" / "policy")]
+
+
+def test_run_policies_finds_pi0_and_trained_iterations(evaluated, models):
+    run = evaluated[0]
+    pi2 = str(run / "iter_2" / "policy")
+    assert run_policies(run, "last") == run_policies(run, "all") == {0: models["pi0"], 2: pi2}
+    assert run_policies(run, [0]) == {0: models["pi0"]}
+    with pytest.raises(PrefloopError, match=r"iter_1/policy: no trained policy \(iterations "
+                                            r"with one: 2\)"):
+        run_policies(run, [1, 2])
+    with pytest.raises(PrefloopError, match=r"config\.yaml: not found"):
+        run_policies(run / "iter_2", "last")
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_unknown_task_names_close_matches(models, task_dir, tmp_path, capsys):
+    cfg = TaxConfig(tasks=["prefloop_tiny_ad"], include_path=str(task_dir))
+    with pytest.raises(PrefloopError, match="unknown lm_eval task 'prefloop_tiny_ad'; close "
+                                            f"matches: {TASK}"):
+        evaluate_policies(cfg, {0: models["pi0"]}, tmp_path)
+    run = _run_dir(tmp_path, models)
+    # lm_eval's own tasks are listed too (the include path only adds to them)
+    assert main(["alignment-tax", str(run), "--tasks", "arc_easyy", "--include-path",
+                 str(task_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown lm_eval task 'arc_easyy'; close matches: arc_easy" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not list(run.glob("**/alignment_tax*.json"))  # checked before any model ran
+
+
+def test_missing_lm_eval_names_the_extra(models, task_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
+    cfg = TaxConfig(tasks=[TASK], include_path=str(task_dir))
+    with pytest.raises(PrefloopError, match=re.escape("pip install 'prefloop[lm-eval]'")):
+        evaluate_policies(cfg, {0: models["pi0"]}, tmp_path)
+    run = _run_dir(tmp_path, models)
+    assert main(["alignment-tax", str(run), "--tasks", TASK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prefloop[lm-eval]" in err
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({}, "alignment_tax.tasks: required"),
+    ({"tasks": "arc_easy"}, "alignment_tax.tasks: expected a list"),
+    ({"iterations": "first"}, "alignment_tax.iterations: 'first' is not"),
+    ({"iterations": [-1]}, "alignment_tax.iterations: expected iterations ≥ 0"),
+    ({"limit": 0}, "alignment_tax.limit: expected"),
+    ({"limit": 2.5}, "alignment_tax.limit: expected"),
+    ({"num_fewshot": -1}, "alignment_tax.num_fewshot: expected an integer ≥ 0"),
+    ({"batch_size": 0}, "alignment_tax.batch_size: expected"),
+    ({"include_path": "/no/such/dir"}, "alignment_tax.include_path: /no/such/dir: not a dir"),
+    ({"model_args": {"pretrained": "x"}}, "alignment_tax.model_args: pretrained are set"),
+])
+def test_validate_names_the_key(changes, message):
+    cfg = TaxConfig(**{"tasks": [] if not changes else ["t"], **changes})
+    with pytest.raises(PrefloopError, match=re.escape(message)):
+        cfg.validate()
+
+
+def test_cli_errors_name_the_option(evaluated, capsys):
+    run = str(evaluated[0])
+    for argv, message in ((["--num-fewshot", "-1"], "--num-fewshot: expected an integer ≥ 0"),
+                          (["--iterations", "2,x"], "--iterations: '2,x' is not"),
+                          (["--batch-size", "big"], "--batch-size: 'big' is not"),
+                          (["--include-path", "/no/dir"], "--include-path: /no/dir")):
+        assert main(["alignment-tax", run, "--tasks", TASK, *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def test_report_of_a_real_run_shows_the_tax_section(model_dir, task_dir, tmp_path, capsys):
+    from html.parser import HTMLParser
+
+    from prefloop.report import write_report
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                          [{"prompt": f"What is {a} plus {a + 3}?\n"} for a in range(4)])
+    run = tmp_path / "run"
+    assert main(["run", f"policy={model_dir('llama', 'nano')}", f"prompts.path={prompts}",
+                 f"run_dir={run}", "iterations=1", "reward.type=function",
+                 "reward.function=tests.reward_functions:length_and_letters",
+                 "sampling.num_samples=2", "sampling.max_new_tokens=6", "training.batch_size=2",
+                 "training.lr=5e-2", f"eval.prompts.path={prompts}",
+                 "eval.sampling.max_new_tokens=6", "-q"]) == 0
+    assert "alignment-tax" not in write_report([run]).read_text()  # no files: no section
+
+    assert main(["alignment-tax", str(run), "--tasks", TASK, "--include-path", str(task_dir),
+                 "--iterations", "1", "-q"]) == 0
+    capsys.readouterr()
+    page = write_report([run]).read_text()
+
+    class Section(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.inside, self.rows, self.cell = False, [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "section" and ("id", "alignment-tax") in attrs:
+                self.inside = True
+            elif self.inside and tag == "tr":
+                self.rows.append([])
+            elif self.inside and tag == "td":
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag == "section":
+                self.inside = False
+            elif tag == "td" and self.cell is not None:
+                self.rows[-1].append(self.cell)
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    parser = Section()
+    parser.feed(page)
+    shown = [r for r in parser.rows if r]
+    scores = {t: json.loads((run / f"iter_{t}" / "alignment_tax.json").read_text())["scores"]
+              [TASK] for t in (0, 1)}
+    expected = []
+    for metric in ("acc", "acc_norm"):
+        b, s = scores[0][metric], scores[1][metric]
+        expected.append([TASK, metric, "1", f"{b['value']:.4f} ± {b['stderr']:.4f}",
+                         f"{s['value']:.4f} ± {s['stderr']:.4f}",
+                         f"{s['value'] - b['value']:+.4f} ± "
+                         f"{math.hypot(b['stderr'], s['stderr']):.4f}"])
+    assert shown == expected
