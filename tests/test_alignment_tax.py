@@ -347,3 +347,49 @@ def test_report_of_a_real_run_shows_the_tax_section(model_dir, task_dir, tmp_pat
                          f"{s['value'] - b['value']:+.4f} ± "
                          f"{math.hypot(b['stderr'], s['stderr']):.4f}"])
     assert shown == expected
+
+
+def test_the_loop_runs_the_step_on_chosen_iterations(model_dir, task_dir, tmp_path):
+    """`alignment_tax.tasks` in a run config: π₀ and the last policy evaluated as a stage of
+    the loop, their scores in metrics.jsonl, the stage skipped on a re-run."""
+    from prefloop.loop import load_run_config, plan, run
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                          [{"prompt": f"What is {a} plus {a + 3}?\n"} for a in range(4)])
+    args = [f"policy={model_dir('llama', 'nano')}", f"prompts.path={prompts}",
+            f"run_dir={tmp_path / 'run'}", "iterations=2", "reward.type=function",
+            "reward.function=tests.reward_functions:length_and_letters",
+            "sampling.num_samples=2", "sampling.max_new_tokens=6", "training.batch_size=2",
+            f"eval.prompts.path={prompts}", "eval.sampling.max_new_tokens=6",
+            f"alignment_tax.tasks=[{TASK}]", f"alignment_tax.include_path={task_dir}",
+            "alignment_tax.batch_size=3", "alignment_tax.device=cpu"]
+    cfg = load_run_config(None, args)
+    assert dict(plan(cfg))["alignment tax"] == f"lm_eval {TASK} on π₀ and iteration 2"
+    result = run(cfg, progress=False)
+    out = tmp_path / "run"
+    assert "iter_2/alignment_tax" in result.stages_run
+    assert "iter_1/alignment_tax" not in result.stages_run
+    assert sorted(p.parent.name for p in out.glob("iter_*/alignment_tax.json")) == \
+        ["iter_0", "iter_2"]
+    metrics = {m["iteration"]: m for m in json.loads(
+        "[" + ",".join((out / "metrics.jsonl").read_text().split("\n")[:-1]) + "]")}
+    for t in (0, 2):
+        scores = json.loads((out / f"iter_{t}" / "alignment_tax.json").read_text())["scores"]
+        assert metrics[t]["alignment_tax"] == {
+            TASK: {m: v["value"] for m, v in scores[TASK].items()}}
+    assert "alignment_tax" not in metrics[1]
+    assert run(cfg, progress=False).stages_run == []
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["alignment_tax.limit=5"], "alignment_tax.limit: set without alignment_tax.tasks"),
+    ([f"alignment_tax.tasks=[{TASK}]", "alignment_tax.iterations=[4]"],
+     "alignment_tax.iterations: 4 is past the run's last iteration"),
+])
+def test_run_config_refuses_tax_options_that_do_not_apply(extra, message):
+    from prefloop.errors import PrefloopError
+    from prefloop.loop import load_run_config
+
+    with pytest.raises(PrefloopError, match=message):
+        load_run_config(None, ["policy=p", "prompts.path=x.jsonl", "iterations=3",
+                               "reward.model=rm", *extra]).validate()

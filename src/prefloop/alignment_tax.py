@@ -38,8 +38,6 @@ from prefloop.errors import PrefloopError
 from prefloop.io import write_json
 
 __all__ = [
-    "RESULT_FILE",
-    "SUMMARY_FILE",
     "TaxConfig",
     "evaluate_model",
     "evaluate_policies",
@@ -49,8 +47,6 @@ __all__ = [
     "tax_rows",
 ]
 
-RESULT_FILE = "alignment_tax.json"  # per model, in OUT/iter_<t>/
-SUMMARY_FILE = "alignment_tax_summary.json"  # in OUT/
 INSTALL_HINT = "pip install 'prefloop[lm-eval]'"
 ITERATION_CHOICES = ("last", "all")
 
@@ -128,8 +124,10 @@ class TaxConfig:
 def run_policies(run_dir: str | Path, iterations: Sequence[int] | str = "last") -> dict[int, str]:
     """{iteration: model} of a run directory: 0 → config.yaml's `policy` (always included,
     the baseline), t → RUN/iter_t/policy. `iterations` is a list of t, "last" or "all"."""
-    run_dir = Path(run_dir)
-    config = run_dir / "config.yaml"
+    from prefloop.loop.rundir import RunDir
+
+    run = RunDir(run_dir)
+    config = run.config
     if not config.is_file():
         raise PrefloopError(f"{config}: not found (is {run_dir} a prefloop run directory?)")
     import yaml
@@ -141,9 +139,7 @@ def run_policies(run_dir: str | Path, iterations: Sequence[int] | str = "last") 
     policy = data.get("policy") if isinstance(data, dict) else None
     if not isinstance(policy, str) or not policy:
         raise PrefloopError(f"{config}, field 'policy': missing (the initial policy π₀)")
-    trained = sorted(int(d.name.removeprefix("iter_")) for d in run_dir.glob("iter_*")
-                     if d.name.removeprefix("iter_").isdigit()
-                     and (d / "policy" / "config.json").is_file())
+    trained = [t for t in run.iterations_present() if run.output(t, "train").is_file()]
     if iterations == "last":
         wanted = trained[-1:]
     elif iterations == "all":
@@ -153,9 +149,9 @@ def run_policies(run_dir: str | Path, iterations: Sequence[int] | str = "last") 
         missing = [t for t in wanted if t not in trained]
         if missing:
             have = ", ".join(map(str, trained)) or "none yet"
-            raise PrefloopError(f"{run_dir / f'iter_{missing[0]}' / 'policy'}: no trained "
-                                f"policy (iterations with one: {have})")
-    return {0: policy, **{t: str(run_dir / f"iter_{t}" / "policy") for t in wanted}}
+            raise PrefloopError(f"{run.policy(missing[0])}: no trained policy (iterations "
+                                f"with one: {have})")
+    return {0: policy, **{t: str(run.policy(t)) for t in wanted}}
 
 
 # -------------------------------------------------------------------------- evaluation
@@ -326,11 +322,13 @@ def evaluate_policies(
     if 0 not in models:
         raise PrefloopError("alignment tax: models need iteration 0, the initial policy "
                             "(the baseline every Δ is measured against)")
-    out_dir = Path(out_dir)
+    from prefloop.loop.rundir import RunDir
+
+    out = RunDir(out_dir)
     records: dict[int, dict[str, Any]] = {}
     todo = {}
     for t, model in sorted(models.items()):
-        path = out_dir / f"iter_{t}" / RESULT_FILE
+        path = out.alignment_tax(t)
         stored = _read_record(path) if path.is_file() else None
         if stored is not None and not overwrite and stored.get("settings") == settings(cfg,
                                                                                         model):
@@ -343,7 +341,7 @@ def evaluate_policies(
     if todo:  # every task name checked before the first model is loaded
         check_tasks(cfg.tasks, task_manager(cfg.include_path))
     for t, model in todo.items():
-        path = out_dir / f"iter_{t}" / RESULT_FILE
+        path = out.alignment_tax(t)
         echo(f"alignment tax: iteration {t}: {model} on {', '.join(cfg.tasks)}")
         record = {"iteration": t, **evaluate_model(cfg, model)}
         write_json(path, record)
@@ -351,12 +349,13 @@ def evaluate_policies(
     summary = {
         "baseline": 0,
         "models": {str(t): m for t, m in sorted(models.items())},
-        "files": {str(t): f"iter_{t}/{RESULT_FILE}" for t in sorted(models)},
+        "files": {str(t): str(out.alignment_tax(t).relative_to(out.root))
+                  for t in sorted(models)},
         "settings": {k: v for k, v in settings(cfg, "").items()
                      if k in ("tasks", "limit", "num_fewshot", "include_path")},
         "rows": tax_rows(records),
     }
-    write_json(out_dir / SUMMARY_FILE, summary)
+    write_json(out.alignment_tax_summary, summary)
     return summary
 
 
@@ -394,13 +393,11 @@ def _read_record(path: Path) -> dict[str, Any]:
 
 def load_results(run_dir: str | Path) -> dict[int, dict[str, Any]]:
     """{iteration: record} of every RUN/iter_<t>/alignment_tax.json (empty when none)."""
-    run_dir = Path(run_dir)
-    records = {}
-    for path in run_dir.glob(f"iter_*/{RESULT_FILE}"):
-        t = path.parent.name.removeprefix("iter_")
-        if t.isdigit():
-            records[int(t)] = _read_record(path)
-    return dict(sorted(records.items()))
+    from prefloop.loop.rundir import RunDir
+
+    run = RunDir(run_dir)
+    return {t: _read_record(run.alignment_tax(t)) for t in run.iterations_present()
+            if run.alignment_tax(t).is_file()}
 
 
 def tax_rows(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:

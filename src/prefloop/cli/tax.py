@@ -55,15 +55,13 @@ def _iterations(text: str) -> list[int] | str:
 
 
 def _cmd_alignment_tax(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from prefloop.alignment_tax import (
-        SUMMARY_FILE,
         TaxConfig,
         evaluate_run,
         format_delta,
         shown_rows,
     )
+    from prefloop.loop.rundir import RunDir
     from prefloop.summary import print_grid
 
     limit = args.limit
@@ -86,6 +84,6 @@ def _cmd_alignment_tax(args: argparse.Namespace) -> int:
     # scores without their standard errors (in the files), so that the table fits 80 columns
     rows = [(r["task"], r["metric"], str(r["iteration"]), f"{r['baseline']:.4f}",
              f"{r['value']:.4f}", format_delta(r)) for r in shown_rows(summary["rows"])]
-    print_grid(f"prefloop alignment-tax: {Path(args.run_dir) / SUMMARY_FILE}",
+    print_grid(f"prefloop alignment-tax: {RunDir(args.run_dir).alignment_tax_summary}",
                ["task", "metric", "t", "π₀", "π_t", "Δ ± se"], rows)
     return 0

@@ -5,9 +5,10 @@ from a YAML file or a run directory."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from prefloop.alignment_tax import TaxConfig
 from prefloop.config import (
     TRUNCATION,
     DataConfig,
@@ -59,6 +60,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # only the length limits apply
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # lm-evaluation-harness on chosen iterations' policies (off while `tasks` is empty)
+    alignment_tax: TaxConfig = field(default_factory=TaxConfig)
 
     @property
     def directory(self) -> Path:
@@ -98,7 +101,22 @@ class RunConfig:
                 raise PrefloopError(f"prompts.{name}: must be ≥ 0")
         if self.pairing.replay_fraction > 0 and not self.replay_data:
             raise PrefloopError("replay_data: required when pairing.replay_fraction > 0")
+        self._validate_alignment_tax()
         self._validate_method()
+
+    def _validate_alignment_tax(self) -> None:
+        tax = self.alignment_tax
+        if tax.tasks:
+            tax.validate("alignment_tax")
+            if isinstance(tax.iterations, list) and max(tax.iterations) > self.iterations:
+                raise PrefloopError(f"alignment_tax.iterations: {max(tax.iterations)} is past "
+                                    f"the run's last iteration ({self.iterations})")
+            return
+        changed = [f.name for f in fields(TaxConfig)
+                   if getattr(tax, f.name) != getattr(TaxConfig(), f.name)]
+        if changed:
+            raise PrefloopError(f"alignment_tax.{changed[0]}: set without alignment_tax.tasks "
+                                "(the step runs only with tasks)")
 
     def _validate_method(self) -> None:
         """What the pairing strategy's method (prefloop.methods) requires of the others."""

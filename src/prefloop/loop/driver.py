@@ -68,6 +68,8 @@ def drive(ctx: Context, resume: bool = False, redo_from: str | None = None,
         stage(t, "pair", lambda t=t: stages.pair(ctx, t))
         stage(t, "train", lambda t=t: stages.train(ctx, t))
         stage(t, "evaluate", lambda t=t: stages.evaluate(ctx, t))
+        if stages.taxed(cfg, t):
+            stage(t, "alignment_tax", lambda t=t: stages.alignment_tax(ctx, t))
     if ctx.procs.is_main:
         ctx.manifest.finish()
     ctx.procs.barrier()

@@ -39,7 +39,7 @@ def plan(cfg: RunConfig) -> list[tuple[str, str]]:
     per_iter = cfg.prompts.per_iteration or "all"
     extra = (f" + {m.reference_samples} from the reference ({m.strategy})"
              if m.reference_samples else "")
-    stages = [s for s in STAGES if s != "score" or m.scored]
+    stages = [s for s in STAGES if (s != "score" or m.scored) and s != "alignment_tax"]
     return [
         ("run directory", str(cfg.directory)),
         ("policy π₀", cfg.policy),
@@ -56,7 +56,18 @@ def plan(cfg: RunConfig) -> list[tuple[str, str]]:
         ("eval prompts", cfg.eval.prompts.path or "none"),
         ("eval reward", _describe_reward(eval_reward) if cfg.eval.prompts.path else "none"),
         ("stages", " → ".join(stages) + f" × {cfg.iterations}"),
+        ("alignment tax", _describe_tax(cfg)),
     ]
+
+
+def _describe_tax(cfg: RunConfig) -> str:
+    tax = cfg.alignment_tax
+    if not tax.tasks:
+        return "off (alignment_tax.tasks)"
+    which = {"last": f"iteration {cfg.iterations}", "all": "every iteration"}.get(
+        tax.iterations if isinstance(tax.iterations, str) else "",
+        f"iterations {', '.join(map(str, tax.iterations))}")
+    return f"lm_eval {', '.join(tax.tasks)} on π₀ and {which}"
 
 
 def _looks_local(path: str) -> bool:

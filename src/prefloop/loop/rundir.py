@@ -21,7 +21,7 @@ from typing import Any
 from prefloop import io
 from prefloop.errors import PrefloopError
 
-STAGES = ("sample", "score", "pair", "train", "evaluate")
+STAGES = ("sample", "score", "pair", "train", "evaluate", "alignment_tax")
 
 # Every file a run writes: (path relative to the run directory, what it holds). The README's
 # artifact table is checked against this list by a test.
@@ -47,7 +47,13 @@ ARTIFACTS: tuple[tuple[str, str], ...] = (
     ("iter_t/policy/train_summary.json", "steps, pairs, seconds, truncation, length control"),
     ("iter_t/eval_samples.jsonl", "π_t's answers to the eval prompts with score and gold"),
     ("iter_t/eval.json", "π_t's metrics row"),
+    ("iter_t/alignment_tax.json", "with `alignment_tax.tasks`: lm-evaluation-harness scores of "
+                                  "π_t (and of π₀ in iter_0/), their settings and versions"),
+    ("alignment_tax_summary.json", "with `alignment_tax.tasks`: every evaluated policy's "
+                                   "scores against π₀'s, Δ ± se"),
 )
+# written only when the config asks for them
+OPTIONAL_ARTIFACTS = ("iter_t/alignment_tax.json", "alignment_tax_summary.json")
 
 
 class RunDir:
@@ -103,10 +109,18 @@ class RunDir:
     def eval(self, t: int) -> Path:
         return self.iteration(t) / "eval.json"
 
+    def alignment_tax(self, t: int) -> Path:
+        return self.iteration(t) / "alignment_tax.json"
+
+    @property
+    def alignment_tax_summary(self) -> Path:
+        return self.root / "alignment_tax_summary.json"
+
     def output(self, t: int, stage: str) -> Path:
         """The file whose presence (with the manifest's mark) says a stage is done."""
         return {"sample": self.samples(t), "score": self.scored(t), "pair": self.pairs(t),
-                "train": self.policy(t) / "config.json", "evaluate": self.eval(t)}[stage]
+                "train": self.policy(t) / "config.json", "evaluate": self.eval(t),
+                "alignment_tax": self.alignment_tax(t)}[stage]
 
     def policy_path(self, t: int) -> str:
         """π_t as a model path: the configured policy for t = 0, else iter_t/policy."""
@@ -131,9 +145,18 @@ class RunDir:
         return read_jsonl(self.metrics) if self.metrics.is_file() else []
 
     def write_metrics(self, iterations: int) -> None:
-        """metrics.jsonl from every iteration's eval.json (iterations 0..`iterations`)."""
-        records = [json.loads(self.eval(t).read_text()) for t in range(iterations + 1)
-                   if self.eval(t).is_file()]
+        """metrics.jsonl from every iteration's eval.json (iterations 0..`iterations`), with
+        its lm-evaluation-harness scores ({task: {metric: value}}) when it has them."""
+        records = []
+        for t in range(iterations + 1):
+            if not self.eval(t).is_file():
+                continue
+            record = json.loads(self.eval(t).read_text())
+            if self.alignment_tax(t).is_file():
+                scores = json.loads(self.alignment_tax(t).read_text()).get("scores", {})
+                record["alignment_tax"] = {task: {m: v["value"] for m, v in metrics.items()}
+                                           for task, metrics in scores.items()}
+            records.append(record)
         io.write_jsonl(self.metrics, records)
 
 

@@ -319,6 +319,40 @@ def _warn(ctx: Context, t: int, record: dict) -> None:
         ctx.echo(f"iter {t}: warning: length-controlled win rate: {warning}")
 
 
+# ---------------------------------------------------------------- alignment tax
+
+
+def taxed(cfg, t: int) -> bool:
+    """Whether iteration t's policy gets the alignment-tax step (`alignment_tax.iterations`:
+    a list of t, "last" or "all"; π₀ is evaluated with the first of them, as the baseline)."""
+    tax = cfg.alignment_tax
+    if not tax.tasks or t == 0:
+        return False
+    if tax.iterations == "all":
+        return True
+    if tax.iterations == "last":
+        return t == cfg.iterations
+    return t in tax.iterations
+
+
+def alignment_tax(ctx: Context, t: int) -> dict:
+    """lm-evaluation-harness on π_t and, the first time, π₀ (prefloop.alignment_tax); their
+    scores go into metrics.jsonl (`alignment_tax`) and the report."""
+    from prefloop.alignment_tax import evaluate_policies
+
+    cfg, run = ctx.cfg, ctx.run
+    if ctx.procs.is_main:  # lm_eval runs as one process
+        summary = evaluate_policies(cfg.alignment_tax,
+                                    {0: run.policy_path(0), t: run.policy_path(t)}, run.root,
+                                    echo=ctx.echo)
+        run.write_metrics(cfg.iterations)
+        mine = [r for r in summary["rows"] if r["iteration"] == t]
+        for r in mine:
+            ctx.echo(f"iter {t}: alignment tax {r['task']} {r['metric']}: "
+                     f"{r['value']:.4g} vs π₀ {r['baseline']:.4g} (Δ {r['delta']:+.4g})")
+    return {"tasks": list(cfg.alignment_tax.tasks)}
+
+
 def initial_logps(ctx: Context, rows: list[dict]) -> list[float] | None:
     """log π₀(y|x) of the current policy's eval samples, for the KL estimate."""
     if any(r.get("logprob") is None for r in rows):
