@@ -276,13 +276,14 @@ def test_lr_dpo_alpha_of_a_demo_run(tmp_path):
 
 
 def test_a_demo_run_made_with_other_settings_is_named(tmp_path, monkeypatch):
-    from prefloop.loop import ConfigChanged, driver
+    import prefloop.loop
+    from prefloop.loop import ConfigChanged
 
     def changed(*a, **k):
         raise ConfigChanged("differs")
 
     monkeypatch.setattr(demo, "build_testbed", lambda cfg, *a, **k: demo._paths(tmp_path / "b"))
-    monkeypatch.setattr(driver, "drive", changed)
+    monkeypatch.setattr(prefloop.loop, "drive", changed)
     with pytest.raises(PrefloopError, match=r"idpo: holds a demo run made with other settings"
                                             r".*give another --out"):
         demo.run_demo(DemoConfig(out_dir=str(tmp_path / "out")), progress=False,
