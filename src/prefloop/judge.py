@@ -172,7 +172,7 @@ def second_label_probability(top_logprobs: Sequence[tuple[str, float]],
 
 def _text_verdict(text: str, labels: tuple[str, str]) -> float | None:
     """1.0 / 0.0 when the text is exactly the second / first label, else None."""
-    cleaned = text.strip().strip("\"'`*()[]<>").strip().rstrip(".").strip()
+    cleaned = text.strip(" \t\n\"'`*()[]<>.:")
     if cleaned == labels[1].strip():
         return 1.0
     if cleaned == labels[0].strip():
