@@ -532,3 +532,32 @@ def test_evaluate_help_describes_every_judge_option(capsys):
                    "--alpaca-eval-dir", "--names"):
         assert option in text
     assert "PREFLOOP_JUDGE_BASE_URL" in text and "OPENAI_API_KEY" in text
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def test_report_has_a_judged_by_section_per_judge_model(tmp_path):
+    from prefloop.report import judge_section, write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(
+        {"iteration": t, "mean_reward": 0.1 * t, "mean_tokens": 30 + t, "win_rate": 50 + t})
+        + "\n" for t in range(3)))
+    assert judge_section(run) == ""
+    for t, wr in ((1, 61.25), (2, 66.5)):
+        (run / f"iter_{t}").mkdir()
+        (run / f"iter_{t}" / "judge.json").write_text(json.dumps({
+            "model": "judge-x", "names": ["iter_1", "iter_0"], "order": "both",
+            "win_rate": wr, "win_rate_se": 2.25, "lc_win_rate": wr - 5, "lc_win_rate_se": 1.5,
+            "n": 98, "n_unparseable": 1, "n_failed": 1, "prompt_tokens": 123456,
+            "completion_tokens": 196}))
+    page = write_report([run]).read_text()
+    assert "judged by judge-x" in page
+    assert "<td>1</td><td>61.2 ± 2.2</td><td>56.2 ± 1.5</td><td>98</td><td>1</td><td>1</td>" \
+           "<td>123456 / 196</td>" in page
+    assert "<td>2</td><td>66.5 ± 2.2</td><td>61.5 ± 1.5</td>" in page
+    (run / "iter_2" / "judge.json").write_text("[1, 2]")
+    with pytest.raises(PrefloopError, match=r"iter_2/judge\.json: expected a JSON object"):
+        judge_section(run)
