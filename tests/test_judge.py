@@ -454,6 +454,48 @@ def test_alpaca_eval_reads_the_exported_files_and_gets_the_same_rates(server, tm
 
 
 @needs_vllm
+def test_alpaca_eval_judges_the_exported_outputs_through_the_local_server(server, tmp_path):
+    """`alpaca_eval evaluate` (0.6.6, its own pipeline and prompt) on the model and reference
+    outputs prefloop exported, with AlpacaEval 2's weighted annotator pointed at the local
+    server: the model name changed to the served one and all log-probs asked for, so that
+    its `m`/`M` labels are found. LC needs a file alpaca_eval downloads: the raw win rate."""
+    yaml = pytest.importorskip("yaml")
+    alpaca_eval = pytest.importorskip("alpaca_eval")
+
+    a, b = _rows(6)
+    result = judge_pairs(_cfg(server, order="random"), a, b, names=("pol", "ref"))
+    paths = write_judge_files(result, alpaca_eval_dir=tmp_path / "ae")
+    configs = Path(alpaca_eval.__file__).parent / "evaluators_configs"
+    weighted = yaml.safe_load(
+        (configs / "weighted_alpaca_eval_gpt4_turbo" / "configs.yaml").read_text())
+    annotator = weighted["weighted_alpaca_eval_gpt4_turbo"]
+    annotator["prompt_template"] = str(configs / annotator["prompt_template"])
+    annotator["completions_kwargs"].update(model_name="judge", top_logprobs=FULL_VOCAB)
+    config = tmp_path / "local_weighted" / "configs.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump({"local_weighted": annotator}))
+    env = {**os.environ, "OPENAI_API_KEY": "EMPTY", "OPENAI_API_BASE": server,
+           "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "alpaca_eval"), "evaluate",
+         "--model_outputs", str(paths["model_outputs"]),
+         "--reference_outputs", str(paths["reference_outputs"]),
+         "--annotators_config", str(config), "--fn_metric", "get_winrate",
+         "--sort_by", "win_rate", "--output_path", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import csv
+
+    with open(tmp_path / "out" / "leaderboard.csv") as f:
+        board = list(csv.DictReader(f))
+    assert [row[""] for row in board] == ["pol"] and board[0]["n_total"] == "6"
+    assert 0.0 <= float(board[0]["win_rate"]) <= 100.0
+    annotations = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    assert len(annotations) == 6 and {x["generator_2"] for x in annotations} == {"pol"}
+    assert all(1.0 <= x["preference"] <= 2.0 for x in annotations)
+
+
+@needs_vllm
 def test_cli_killed_mid_run_resumes_from_its_cache(proxy, tmp_path):
     """`prefloop evaluate A REF.json --judge-model …` killed with SIGKILL while judging, run
     again: it sends only what the first run had no answer for. B is an alpaca_eval
