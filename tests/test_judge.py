@@ -603,3 +603,26 @@ def test_report_has_a_judged_by_section_per_judge_model(tmp_path):
     (run / "iter_2" / "judge.json").write_text("[1, 2]")
     with pytest.raises(PrefloopError, match=r"iter_2/judge\.json: expected a JSON object"):
         judge_section(run)
+
+
+def test_reward_options_are_refused_with_the_judge(tmp_path, capsys):
+    from prefloop.cli import main
+
+    a, _ = _rows(2)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in a))
+    for extra in (["--reward-function", "tests.reward_functions:constant"],
+                  ["--verbose-baseline", str(tmp_path / "a.jsonl")]):
+        assert main(["evaluate", str(tmp_path / "a.jsonl"), str(tmp_path / "a.jsonl"),
+                     "--judge-model", "m", "--judge-base-url", "http://127.0.0.1:9/v1",
+                     *extra]) == 2
+        assert f"{extra[0]}: not used with --judge-model" in capsys.readouterr().err
+
+
+def test_judge_config_reads_from_a_config_mapping():
+    from prefloop.config import from_dict, to_dict
+
+    cfg = from_dict(JudgeConfig, {"model": "m", "labels": ["x", "y"], "order": "random"})
+    cfg.validate("eval.judge")
+    assert cfg.labels == ("x", "y") and to_dict(cfg)["labels"] == ["x", "y"]
+    with pytest.raises(PrefloopError, match="unknown config key"):
+        from_dict(JudgeConfig, {"model": "m", "api_key": "sk-…"})

@@ -255,10 +255,10 @@ class JudgeCache:
         return self.entries.get(key)
 
     def put(self, entry: dict) -> None:
-        self.entries[entry["key"]] = entry
-        if self.path is None:
-            return
         with self._lock:
+            self.entries[entry["key"]] = entry
+            if self.path is None:
+                return
             if self._file is None:
                 ends_clean = True
                 if self.path.exists() and self.path.stat().st_size:
@@ -335,6 +335,8 @@ def _request(client, cfg: JudgeConfig, messages: list[dict[str, str]],
             reason = f"connection error: {_short(e)}"
         except openai.APIResponseValidationError as e:
             return None, f"malformed response: {_short(e)}", attempt + 1
+        except openai.APIError as e:  # anything else the client raises: this row fails
+            return None, f"{type(e).__name__}: {_short(e)}", attempt + 1
         if attempt < cfg.max_retries:
             delay = min(cfg.max_backoff, cfg.backoff * 2.0 ** attempt)
             if wait is not None:
@@ -643,18 +645,23 @@ def judge_pairs(
             with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
                 futures = [pool.submit(run, job) for job in todo]
                 done = n_cached
-                for future in as_completed(futures):
-                    (k, _, order, _, _), answer, reason, attempts = future.result()
-                    results[(k, order)] = _call_record(order, answer, reason, False, attempts,
-                                                       cfg.labels)
-                    done += 1
-                    if bar is not None:
-                        bar.update(1)
-                    elif callable(progress):
-                        progress(done, len(jobs))
-        except BaseException:
-            stop.set()  # Ctrl-C: in-flight requests give up their retries
-            raise
+                try:
+                    for future in as_completed(futures):
+                        (k, _, order, _, _), answer, reason, attempts = future.result()
+                        results[(k, order)] = _call_record(order, answer, reason, False,
+                                                           attempts, cfg.labels)
+                        done += 1
+                        if bar is not None:
+                            bar.update(1)
+                        elif callable(progress):
+                            progress(done, len(jobs))
+                except BaseException:
+                    # Ctrl-C or a bug: queued requests are dropped and in-flight ones give up
+                    # their retries before the pool is waited for; answers so far are cached
+                    stop.set()
+                    for f in futures:
+                        f.cancel()
+                    raise
         finally:
             cache.close()
             if bar is not None:

@@ -223,6 +223,16 @@ def _cmd_judge(args: argparse.Namespace) -> int:
                       concurrency=args.judge_concurrency, max_retries=args.judge_max_retries,
                       timeout=args.judge_timeout, lc_fit=args.lc_fit)
     cfg.validate("judge")
+    for flag, value in (("--reward-model", args.reward_model),
+                        ("--reward-function", args.reward_function),
+                        ("--rescore", args.rescore),
+                        ("--difficulty-column", args.difficulty_column),
+                        ("--verbose-baseline", args.verbose_baseline),
+                        ("--concise-baseline", args.concise_baseline)):
+        if value:
+            raise PrefloopError(f"{flag}: not used with --judge-model (the LLM judge replaces "
+                                "the reward, and its LC fit has no difficulty or prompted "
+                                "baselines)")
     procs = Processes()
     a, b = _judge_responses(args.a, args, procs), _judge_responses(args.b, args, procs)
     if not procs.is_main:
