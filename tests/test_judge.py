@@ -497,9 +497,9 @@ def test_alpaca_eval_judges_the_exported_outputs_through_the_local_server(server
 
 @needs_vllm
 def test_cli_killed_mid_run_resumes_from_its_cache(proxy, tmp_path):
-    """`prefloop evaluate A REF.json --judge-model …` killed with SIGKILL while judging, run
-    again: it sends only what the first run had no answer for. B is an alpaca_eval
-    reference file (matched by instruction)."""
+    """`prefloop evaluate A REF.json --judge-model …` stopped with Ctrl-C, then killed with
+    SIGKILL while judging, then run to the end: the last run sends only what the earlier
+    ones had no answer for. B is an alpaca_eval reference file (matched by instruction)."""
     a, b = _rows(8)
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in a))
     (tmp_path / "ref.json").write_text(json.dumps(
@@ -513,15 +513,27 @@ def test_cli_killed_mid_run_resumes_from_its_cache(proxy, tmp_path):
            str(tmp_path / "j.jsonl"), "--alpaca-eval-dir", str(tmp_path / "ae"), "-q"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proxy.delay = 0.4
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not (cache.exists() and len(cache.read_text().splitlines()) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    done = len([line for line in cache.read_text().splitlines() if line.endswith("}")])
-    assert 3 <= done < 16 and not summary.exists()
+
+    def interrupt(at_least: int, how: signal.Signals) -> int:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 60
+        while not (cache.exists() and len(cache.read_text().splitlines()) >= at_least):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(how)
+        stopped = time.monotonic()
+        code = proc.wait(30)
+        if how == signal.SIGINT:  # Ctrl-C: queued requests dropped, the in-flight one ends
+            assert code == 130 and time.monotonic() - stopped < 5
+            assert "interrupted" in proc.stderr.read()
+        lines = cache.read_text().splitlines()
+        assert all(json.loads(line)["key"] for line in lines[:-1])
+        return len([line for line in lines if line.endswith("}")])
+
+    after_ctrl_c = interrupt(2, signal.SIGINT)
+    done = interrupt(after_ctrl_c + 2, signal.SIGKILL)
+    assert 2 <= after_ctrl_c < done < 16 and not summary.exists()
     proxy.delay = 0.0
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
