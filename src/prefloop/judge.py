@@ -584,10 +584,17 @@ def judge_pairs(
     ``prompt_tokens``, ``completion_tokens`` (spent in this call; 0 when cached) and
     ``cached``. The summary holds the win rate (mean preference), the discrete win rate
     (preference > ½ wins, = ½ half), the LC win rate (``cfg.lc_fit``), all ± standard error
-    in percent, counts and tokens. Raises :class:`PrefloopError` on a bad config, no shared
-    prompt, or when the server refuses the key or the model (401/403/404).
+    in percent, counts and tokens. Raises :class:`PrefloopError` on a bad config, a row
+    without ``prompt`` or ``response``, no shared prompt, or when the server refuses the key
+    or the model (401/403/404). In a multi-process run, call it on the main process only: it
+    sends the requests and appends to the cache.
     """
     cfg.validate("judge")
+    for name, rows in (("rows_a", rows_a), ("rows_b", rows_b)):
+        for i, row in enumerate(rows):
+            for key in ("prompt", "response"):
+                if not isinstance(row, dict) or key not in row:
+                    raise PrefloopError(f"{name}, row {i}, field {key!r}: missing")
     pairs = match_rows(rows_a, rows_b)
     if not pairs:
         raise PrefloopError("the policy's and the baseline's responses share no prompt "

@@ -34,7 +34,10 @@ class JudgeConfig:
       order per prompt, drawn from ``seed`` and the prompt id);
     - ``labels``: the two one-token labels of the first and the second answer;
     - ``temperature``, ``max_tokens``, ``top_logprobs``: decoding (AlpacaEval 2: 1 token,
-      top-5 log-probs); ``top_logprobs`` 0 asks for no log-probs (the text is read);
+      top-5 log-probs); ``top_logprobs`` 0 asks for no log-probs (the text is read).
+      AlpacaEval's own config asks for temperature 1: OpenAI and vLLM (its default
+      ``raw_logprobs``) return the model's log-probs whatever the temperature, which only
+      changes the sampled text; 0 keeps the text fallback deterministic;
     - ``concurrency``: requests in flight; ``timeout``: seconds per request;
       ``max_retries``: retries after the first attempt; ``backoff``, ``max_backoff``: seconds
       of the exponential back-off ``min(max_backoff, backoff·2^k)`` before retry k+1;
