@@ -497,7 +497,9 @@ def _summarise(cfg: JudgeConfig, rows: list[dict], calls: dict[str, int],
         summary.update(lc_win_rate=lc.lc, lc_win_rate_se=lc_standard_error(lc, len_a, len_b,
                                                                           pref),
                        lc_theta_length=lc.theta_length, lc_theta_model=lc.theta_model,
-                       lc_warnings=list(lc.warnings))
+                       # the hint at prompted baselines is for the reward path's flags
+                       lc_warnings=[w.split("; the baseline's verbose/concise answers")[0]
+                                    for w in lc.warnings])
     elif ok:
         notes.append("fewer than 2 judged prompts: no length-controlled win rate")
     if counts["unparseable"]:
