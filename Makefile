@@ -50,7 +50,7 @@ lock:
 	python3 -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet --upgrade pip
 	.venv-lock/bin/pip install --quiet "$(TORCH)"
-	.venv-lock/bin/pip install --quiet -e ".[dev,compare,lm-eval]" "transformers<5.20" "numpy<2.4"
+	.venv-lock/bin/pip install --quiet -e ".[dev,compare,lm-eval,judge]" "transformers<5.20" "numpy<2.4"
 	{ sed -n '1,/^# Refresh/p' $(LOCK); .venv-lock/bin/pip freeze | grep -v -e '^-e' -e '^#' -e '^torch=='; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	rm -rf .venv-lock

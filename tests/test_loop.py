@@ -444,3 +444,18 @@ def test_cut_answers_and_the_judge_are_named_in_the_table_and_the_report(world, 
     assert "judged by the reward function tests.reward_functions:length_and_letters" in page
     assert f"iteration 1: {cut[1]} of the answers hit the token limit" in page
     assert "reward-model" not in page
+
+
+def test_a_section_given_in_part_keeps_the_rest_of_its_own_default(tmp_path):
+    """`eval.sampling` defaults to one greedy sample; setting only its max_new_tokens (CLI or
+    YAML) used to bring back SamplingConfig's own 4 samples at temperature 1."""
+    args = ["policy=p", "prompts.path=x.jsonl", "reward.model=r"]
+    cfg = load_run_config(None, [*args, "eval.sampling.max_new_tokens=6"])
+    assert (cfg.eval.sampling.num_samples, cfg.eval.sampling.temperature,
+            cfg.eval.sampling.max_new_tokens) == (1, 0.0, 6)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("eval:\n  sampling:\n    top_p: 0.9\n")
+    cfg = load_run_config(str(yaml_file), args)
+    assert (cfg.eval.sampling.num_samples, cfg.eval.sampling.temperature,
+            cfg.eval.sampling.top_p) == (1, 0.0, 0.9)
+    assert cfg.sampling.num_samples == 4  # the loop's own sampling keeps its defaults

@@ -473,7 +473,10 @@ def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
         params.update({k: raw.pop(k) for k in list(raw) if k not in fields})
         raw["params"] = {k: v for k, v in params.items() if v is not None}
     kwargs = {}
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in raw.items():
+        if key in by_name and isinstance(value, dict):
+            value = _over_field_default(by_name[key], value)
         if key not in fields:
             import difflib
 
@@ -485,6 +488,18 @@ def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
             )
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
+
+
+def _over_field_default(f: dataclasses.Field, value: dict) -> dict:
+    """A section given in part keeps the rest of its field's own default: `eval.sampling`
+    defaults to greedy, one sample, so `eval.sampling.max_new_tokens=64` must not bring back
+    SamplingConfig's own temperature 1 and 4 samples."""
+    if f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default) or default == type(default)():
+        return value
+    return merge(to_dict(default), value)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -62,6 +62,7 @@ __all__ = [
     "prompted_baseline_rows",
     "response_chars",
     "win_rate",
+    "win_rate_from_preferences",
 ]
 
 #: Inverse L1 strengths AlpacaEval's fit chooses among: 10 values log-spaced over [1e-4, 1e4].
@@ -180,6 +181,21 @@ def win_rate(scores_a: ArrayLike, scores_b: ArrayLike) -> WinRate:
         hard_se=100.0 * hard_se,
         n=int(np.asarray(scores_a).size),
     )
+
+
+def win_rate_from_preferences(preference: ArrayLike) -> WinRate:
+    """Win rate of A from per-prompt preferences p_i ∈ [0, 1] (1 = A better), e.g. an LLM
+    judge's.
+
+    ``soft`` = mean_i p_i · 100 and ``hard`` = mean_i (1[p_i > ½] + ½·1[p_i = ½]) · 100, each
+    with the standard error std(ddof=1)/√n · 100 (0 for a single prompt), as in
+    :func:`win_rate`, whose ``soft`` is this function's on p_i = σ(s_A,i − s_B,i).
+    """
+    p = _preference_array("preference", preference)
+    soft, soft_se = _mean_se(p)
+    hard, hard_se = _mean_se((p > 0.5).astype(np.float64) + 0.5 * (p == 0.5))
+    return WinRate(soft=100.0 * soft, soft_se=100.0 * soft_se, hard=100.0 * hard,
+                   hard_se=100.0 * hard_se, n=int(p.size))
 
 
 # ---------------------------------------------------------------- length-controlled win rate

@@ -27,6 +27,8 @@ The run directory layout it reads (written by the loop)::
         null or absent)
     RUN/iter_<t>/eval_samples.jsonl  optional; {"prompt_id", "response", "score",
                                      "num_tokens", "num_chars"} per evaluated response
+    RUN/iter_<t>/judge.json          optional; an LLM judge's summary (prefloop.judge), shown
+                                     in a "judged by <model>" section (judge_section)
     RUN/iter_<t>/policy/train_log.jsonl  optional; per-step {"step", "loss", "accuracy",
                                      "alpha"?, ...} (the loop writes it beside the policy)
     RUN/iter_<t>/alignment_tax.json  optional; lm-evaluation-harness scores of the policy
@@ -53,7 +55,7 @@ from prefloop.errors import PrefloopError, where
 from prefloop.io import atomic_path
 from prefloop.loop.rundir import RunDir
 
-__all__ = ["RunData", "headline_summary", "load_run", "write_report"]
+__all__ = ["RunData", "headline_summary", "judge_section", "load_run", "write_report"]
 
 METRIC_FIELDS = (
     "mean_reward",
@@ -830,6 +832,7 @@ def _html_page(
         parts.append(f'<p class="meta">judged by the {html.escape(run.judge)}</p>')
         parts.append(_iteration_table(run))
         parts.extend(f'<p class="warn">{html.escape(text)}</p>' for text in _warnings(run))
+        parts.append(judge_section(run.path))
     parts.append(_alignment_tax_html(runs))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -883,6 +886,64 @@ def _alignment_tax_html(runs: Sequence[RunData]) -> str:
             "preference training cost. ± is lm_eval's standard error; Δ's treats the two "
             "scores as independent, an upper bound since they share the documents. A drop "
             "larger than two standard errors is in red.</p>" + "".join(parts) + "</section>")
+def judge_section(run_dir: Path | str) -> str:
+    """HTML of a run's LLM-judge evaluations, "" when it has none.
+
+    Reads every ``RUN/iter_<t>/judge.json`` (the summary :func:`prefloop.judge.write_judge_files`
+    writes) and shows, per judge model, one row per iteration: win rate ± se and LC win rate ±
+    se (percent, policy vs baseline), prompts judged, unparseable and failed answers, and tokens
+    spent. A file that is not a JSON object raises :class:`PrefloopError` naming it.
+    """
+    import json
+
+    from prefloop.evaluate import format_rate
+
+    found: list[tuple[int, Path, dict[str, Any]]] = []
+    run = RunDir(run_dir)
+    for t in run.iterations_present():
+        path = run.judge(t)
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise PrefloopError(f"{path}: not valid JSON ({e})") from None
+            if not isinstance(data, dict):
+                raise PrefloopError(f"{path}: expected a JSON object (a judge summary)")
+            found.append((t, path, data))
+    if not found:
+        return ""
+
+    def rate(data: dict[str, Any], key: str) -> str:
+        value, se = data.get(key), data.get(f"{key}_se")
+        if not _is_number(value):
+            return "–"
+        return format_rate(value) + (f" ± {se:.1f}" if _is_number(se) else "")
+
+    def count(data: dict[str, Any], key: str) -> str:
+        value = data.get(key)
+        return str(value) if _is_number(value) else "–"
+
+    parts = []
+    for model in sorted({str(d.get("model", "?")) for _, _, d in found}):
+        rows = sorted((t, d) for t, _, d in found if str(d.get("model", "?")) == model)
+        names = rows[-1][1].get("names") or ["policy", "baseline"]
+        head = "".join(f"<th>{h}</th>" for h in (
+            "iteration", "win rate %", "LC win rate %", "judged", "unparseable", "failed",
+            "tokens (prompt / completion)"))
+        body = "".join(
+            f"<tr><td>{t}</td><td>{rate(d, 'win_rate')}</td><td>{rate(d, 'lc_win_rate')}</td>"
+            f"<td>{count(d, 'n')}</td><td>{count(d, 'n_unparseable')}</td>"
+            f"<td>{count(d, 'n_failed')}</td>"
+            f"<td>{count(d, 'prompt_tokens')} / {count(d, 'completion_tokens')}</td></tr>"
+            for t, d in rows)
+        parts.append(
+            f"<h4>judged by {html.escape(model)}</h4>"
+            f'<p class="meta">LLM judge, {html.escape(str(names[0]))} vs '
+            f"{html.escape(str(names[1]))}, order {html.escape(str(rows[-1][1].get('order')))};"
+            " rates in percent ± one standard error; unparseable and failed prompts are left "
+            "out of the rates</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------------- API

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"prefloop: {e or 'interrupted'}", file=sys.stderr)
+        print(f"prefloop: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
     finally:
         close_process_group(succeeded)

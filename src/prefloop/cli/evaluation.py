@@ -40,13 +40,63 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.add_argument("-q", "--quiet", action="store_true")
+    ev.add_argument("--judgements-out", metavar="FILE",
+                    help="write one JSONL row per prompt: both responses, the scores (or the "
+                    "LLM judge's verdicts) and the preference (1 = A better)")
+    ev.add_argument("--alpaca-eval-dir", metavar="DIR",
+                    help="write alpaca_eval's files there: model_outputs.json (A), "
+                    "reference_outputs.json (B) and, with --judge-model, annotations.json "
+                    "(`alpaca_eval --model_outputs DIR/model_outputs.json ...` reads them)")
+    ev.add_argument("--names", nargs=2, metavar=("NAME_A", "NAME_B"),
+                    help="generator names of A and B in the alpaca_eval files (default: the "
+                    "file or model names; B from its alpaca_eval file's `generator`)")
     add_backend_options(ev)
+    add_judge_options(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
     report = sub.add_parser("report", help="HTML report with plots for one or more run dirs")
     report.add_argument("runs", nargs="+", help="run directories (several are overlaid)")
     report.add_argument("--out", help="HTML path (default: RUN/report.html)")
     report.set_defaults(func=_cmd_report)
+
+
+def add_judge_options(ev: argparse.ArgumentParser) -> None:
+    """The LLM judge's options of `prefloop evaluate` (prefloop.judge.JudgeConfig)."""
+    from prefloop.judge_config import BASE_URL_ENV, JudgeConfig
+
+    d = JudgeConfig()
+    g = ev.add_argument_group(
+        "LLM judge (AlpacaEval 2 protocol, any OpenAI-compatible server; replaces the reward)")
+    g.add_argument("--judge-model", metavar="NAME",
+                   help="judge A vs B with this model on an OpenAI-compatible server instead of "
+                   "a reward; B may also be an alpaca_eval outputs .json "
+                   "([{instruction, output, generator}], matched by instruction)")
+    g.add_argument("--judge-base-url", metavar="URL",
+                   help=f"the server's base URL, e.g. http://127.0.0.1:8000/v1 (default: "
+                   f"${BASE_URL_ENV}, then $OPENAI_BASE_URL, then OpenAI's API)")
+    g.add_argument("--judge-api-key-env", metavar="VAR", default=d.api_key_env,
+                   help="environment variable holding the API key (default %(default)s; unset:"
+                   " no key, fine for a local server)")
+    g.add_argument("--judge-order", choices=("both", "random"), default=d.order,
+                   help="against position bias: judge each prompt in both orders and average "
+                   "(2 requests per prompt), or in one order drawn from --seed (default "
+                   "%(default)s)")
+    g.add_argument("--judge-top-logprobs", type=int, default=d.top_logprobs, metavar="K",
+                   help="top log-probs asked for the answer token; the preference is read from"
+                   " them, else from the text; 0: text only (default %(default)s)")
+    g.add_argument("--judge-concurrency", type=int, default=d.concurrency, metavar="N",
+                   help="requests in flight (default %(default)s)")
+    g.add_argument("--judge-max-retries", type=int, default=d.max_retries, metavar="N",
+                   help="retries of a request after 429, 5xx, a timeout or a connection error,"
+                   " with exponential back-off (default %(default)s)")
+    g.add_argument("--judge-timeout", type=float, default=d.timeout, metavar="S",
+                   help="seconds per request (default %(default)s)")
+    g.add_argument("--judge-cache", metavar="FILE",
+                   help="JSONL cache of the judge's answers: a re-run or resume sends only "
+                   "what is missing (default: none)")
+    g.add_argument("--judge-summary", metavar="FILE",
+                   help="write the judge's summary as JSON (the `iter_t/judge.json` a run's "
+                   "report shows)")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -56,6 +106,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from prefloop.data import load_rows, read_jsonl
     from prefloop.workers import Processes, score_rows
 
+    if args.judge_model:
+        return _cmd_judge(args)
     procs = Processes()
     a, b = _responses(args.a, args, procs), _responses(args.b, args, procs)
     variants = []  # the baseline prompted to be verbose / concise: responses files only
@@ -119,6 +171,96 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     ]
     print_rows(f"prefloop evaluate: {args.a} vs {args.b}", rows)
     _print_lc_warnings(lc.warnings)
+    if args.judgements_out or args.alpaca_eval_dir:
+        from prefloop.io import write_jsonl
+        from prefloop.judge import reward_judgements, write_alpaca_eval_files
+
+        per_prompt = reward_judgements(pa, pb, _names(args, b))
+        if args.judgements_out:
+            write_jsonl(args.judgements_out, per_prompt)
+        if args.alpaca_eval_dir:
+            write_alpaca_eval_files(args.alpaca_eval_dir, per_prompt)
+    return 0
+
+
+def _names(args: argparse.Namespace, b_rows: list[dict]) -> tuple[str, str]:
+    """Generator names of A and B: --names, else the sources' names."""
+    from pathlib import Path
+
+    if args.names:
+        return args.names[0], args.names[1]
+
+    def name(source: str) -> str:
+        path = Path(source)
+        return path.stem if path.suffix in (".jsonl", ".json") else path.name or source
+
+    generator = b_rows[0].get("generator") if b_rows else None
+    return name(args.a), generator if isinstance(generator, str) else name(args.b)
+
+
+def _judge_responses(source: str, args: argparse.Namespace, procs) -> list[dict]:
+    """Rows of a responses .jsonl, an alpaca_eval outputs .json, or samples from a model."""
+    from pathlib import Path
+
+    from prefloop.judge import load_alpaca_eval_outputs
+
+    if Path(source).suffix == ".json":
+        return load_alpaca_eval_outputs(source)
+    rows = _responses(source, args, procs)
+    require_fields(rows, source, ("prompt", "response"))
+    return rows
+
+
+def _cmd_judge(args: argparse.Namespace) -> int:
+    """`prefloop evaluate A B --judge-model NAME`: A judged against B by an LLM judge."""
+    from prefloop.evaluate import format_rate
+    from prefloop.judge import JudgeConfig, judge_pairs, write_judge_files
+    from prefloop.stages import Processes
+
+    cfg = JudgeConfig(model=args.judge_model, base_url=args.judge_base_url or "",
+                      api_key_env=args.judge_api_key_env, order=args.judge_order,
+                      seed=args.seed, top_logprobs=args.judge_top_logprobs,
+                      concurrency=args.judge_concurrency, max_retries=args.judge_max_retries,
+                      timeout=args.judge_timeout, lc_fit=args.lc_fit)
+    cfg.validate("judge")
+    for flag, value in (("--reward-model", args.reward_model),
+                        ("--reward-function", args.reward_function),
+                        ("--rescore", args.rescore),
+                        ("--difficulty-column", args.difficulty_column),
+                        ("--verbose-baseline", args.verbose_baseline),
+                        ("--concise-baseline", args.concise_baseline)):
+        if value:
+            raise PrefloopError(f"{flag}: not used with --judge-model (the LLM judge replaces "
+                                "the reward, and its LC fit has no difficulty or prompted "
+                                "baselines)")
+    procs = Processes()
+    a, b = _judge_responses(args.a, args, procs), _judge_responses(args.b, args, procs)
+    if not procs.is_main:
+        return 0
+    result = judge_pairs(cfg, a, b, args.judge_cache, progress=not args.quiet,
+                         names=_names(args, b))
+    write_judge_files(result, args.judgements_out, args.judge_summary, args.alpaca_eval_dir)
+    s = result.summary
+
+    def rate(key: str) -> str:
+        return "n/a" if s[key] is None else f"{format_rate(s[key])} ± {s[key + '_se']:.1f}"
+
+    print_rows(f"prefloop evaluate: {args.a} vs {args.b}, judged by {cfg.model}", [
+        ("prompts judged / matched", f"{s['n']} / {s['n_prompts']}"),
+        ("unparseable / failed", f"{s['n_unparseable']} / {s['n_failed']}"),
+        ("win rate (mean preference)", rate("win_rate")),
+        ("win rate (discrete, ties ½)", rate("discrete_win_rate")),
+        (f"length-controlled win rate ({s['lc_fit']})", rate("lc_win_rate")),
+        ("order, labels", f"{s['order']}, {' / '.join(s['labels'])}"),
+        ("read from logprobs / text / mixed", " / ".join(str(s["methods"][m]) for m in
+                                                       ("logprobs", "text", "mixed"))),
+        ("requests sent / cached", f"{s['requests_sent']} / {s['requests_cached']}"),
+        ("tokens spent (prompt / completion)",
+         f"{s['prompt_tokens']} / {s['completion_tokens']}"),
+    ])
+    _print_lc_warnings(tuple(s["lc_warnings"]))
+    for text in s["warnings"]:
+        print(f"prefloop evaluate: warning: judge: {text}", file=sys.stderr)
     return 0
 
 

@@ -21,6 +21,7 @@ from prefloop.config import (
     validate_training,
 )
 from prefloop.errors import PrefloopError
+from prefloop.judge_config import JudgeConfig
 from prefloop.methods import METHOD_LOSSES, METHODS, describe_fields, method
 from prefloop.pairing import PairingConfig
 from prefloop.prompts import PromptsConfig
@@ -38,6 +39,11 @@ class EvalConfig:
     gold: str = ""  # optional "module:function" → per-response correctness in [0, 1]
     lc_fit: str = "glm"  # glm | alpacaeval
     reward: RewardConfig | None = None  # the judge of evaluation; default: the run's reward
+    # an LLM judge through an OpenAI-compatible server, besides the reward (prefloop.judge)
+    judge: JudgeConfig | None = None
+    # what the LLM judge compares each policy with: "" = π₀'s eval answers, or a file of
+    # reference answers (alpaca_eval outputs .json, or a responses .jsonl with prompt_id)
+    judge_baseline: str = ""
 
 
 @dataclass
@@ -96,6 +102,17 @@ class RunConfig:
             self.eval.reward.validate("eval.reward")
         self.pairing.validate()
         check_choice("eval.lc_fit", self.eval.lc_fit, LC_FITS)
+        if self.eval.judge is not None:
+            if not self.eval.prompts.path:
+                raise PrefloopError("eval.judge: needs eval.prompts.path (the judge compares "
+                                    "answers to the eval prompts)")
+            self.eval.judge.validate("eval.judge")
+        if self.eval.judge_baseline:
+            if self.eval.judge is None:
+                raise PrefloopError("eval.judge_baseline: set without eval.judge")
+            if not self.eval.judge_baseline.endswith((".json", ".jsonl")):
+                raise PrefloopError(f"eval.judge_baseline: {self.eval.judge_baseline} is not "
+                                    "an alpaca_eval outputs .json or a responses .jsonl")
         for name in ("per_iteration", "limit"):
             if getattr(self.prompts, name) < 0:
                 raise PrefloopError(f"prompts.{name}: must be ≥ 0")

@@ -47,13 +47,23 @@ ARTIFACTS: tuple[tuple[str, str], ...] = (
     ("iter_t/policy/train_summary.json", "steps, pairs, seconds, truncation, length control"),
     ("iter_t/eval_samples.jsonl", "π_t's answers to the eval prompts with score and gold"),
     ("iter_t/eval.json", "π_t's metrics row"),
+    ("iter_t/judge.json", "with `eval.judge`: the LLM judge's verdict on π_t against the "
+                          "baseline — win rate, LC win rate ± se, counts, tokens, its config"),
+    ("iter_t/judgements.jsonl", "with `eval.judge`: one judgement per eval prompt (both "
+                                "answers, order(s), preference, the judge's raw answer)"),
+    ("iter_t/alpaca_eval/", "with `eval.judge`: model_outputs.json, reference_outputs.json "
+                            "and annotations.json in alpaca_eval's formats"),
+    ("judge_cache.jsonl", "with `eval.judge`: every judge request's answer, so a resume or "
+                          "re-run pays for nothing twice"),
     ("iter_t/alignment_tax.json", "with `alignment_tax.tasks`: lm-evaluation-harness scores of "
                                   "π_t (and of π₀ in iter_0/), their settings and versions"),
     ("alignment_tax_summary.json", "with `alignment_tax.tasks`: every evaluated policy's "
                                    "scores against π₀'s, Δ ± se"),
 )
 # written only when the config asks for them
-OPTIONAL_ARTIFACTS = ("iter_t/alignment_tax.json", "alignment_tax_summary.json")
+OPTIONAL_ARTIFACTS = ("iter_t/judge.json", "iter_t/judgements.jsonl", "iter_t/alpaca_eval/",
+                      "judge_cache.jsonl", "iter_t/alignment_tax.json",
+                      "alignment_tax_summary.json")
 
 
 class RunDir:
@@ -108,6 +118,19 @@ class RunDir:
 
     def eval(self, t: int) -> Path:
         return self.iteration(t) / "eval.json"
+
+    def judge(self, t: int) -> Path:
+        return self.iteration(t) / "judge.json"
+
+    def judgements(self, t: int) -> Path:
+        return self.iteration(t) / "judgements.jsonl"
+
+    def alpaca_eval(self, t: int) -> Path:
+        return self.iteration(t) / "alpaca_eval"
+
+    @property
+    def judge_cache(self) -> Path:
+        return self.root / "judge_cache.jsonl"
 
     def alignment_tax(self, t: int) -> Path:
         return self.iteration(t) / "alignment_tax.json"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 from prefloop import io
 from prefloop.config import (
@@ -300,12 +301,51 @@ def evaluate(ctx: Context, t: int) -> dict:
     if "target_length" in trained:
         record.update(length_target=trained["target_length"],
                       length_target_unit=cfg.loss.length_unit)
+    if cfg.eval.judge is not None and (t or cfg.eval.judge_baseline):
+        record.update(llm_judge(ctx, t, rows, baseline))
     io.write_jsonl(run.eval_samples(t), rows)
     io.write_json(run.eval(t), record)
     run.write_metrics(cfg.iterations)
     ctx.echo(format_metrics_row(record, header=t == 0))
     _warn(ctx, t, record)
     return {}
+
+
+def llm_judge(ctx: Context, t: int, rows: list[dict], initial_rows: list[dict]) -> dict:
+    """π_t's eval answers against the baseline's (π₀'s, or `eval.judge_baseline`'s) by the
+    LLM judge (prefloop.judge): writes judge.json, judgements.jsonl and the alpaca_eval files
+    of iteration t; returns the metrics' judge_* fields. Requests go through the run's judge
+    cache, so a resumed or re-run stage pays only for what it has not asked yet."""
+    from prefloop.judge import judge_pairs, load_alpaca_eval_outputs, write_judge_files
+
+    cfg, run = ctx.cfg, ctx.run
+    path = cfg.eval.judge_baseline
+    if not path:
+        baseline, name = initial_rows, "iter_0"
+    else:
+        baseline = load_alpaca_eval_outputs(path) if path.endswith(".json") else read_jsonl(path)
+        name = next((r["generator"] for r in baseline if r.get("generator")), Path(path).stem)
+    result = judge_pairs(cfg.eval.judge, rows, baseline, run.judge_cache, ctx.progress,
+                         names=(f"{cfg.name}-iter_{t}", name))
+    write_judge_files(result, run.judgements(t), run.judge(t), run.alpaca_eval(t))
+    s = result.summary
+    wr = _rate(s["win_rate"], s["win_rate_se"])
+    lc = _rate(s["lc_win_rate"], s["lc_win_rate_se"])
+    ctx.echo(f"iter {t}: judged by {s['model']} against {name}: win rate {wr}, LC {lc} "
+             f"({s['n']} of {s['n_prompts']} prompts)")
+    for warning in result.warnings:
+        ctx.echo(f"iter {t}: judge warning: {warning}")
+    return {"judge_model": s["model"], "judge_win_rate": s["win_rate"],
+            "judge_win_rate_se": s["win_rate_se"], "judge_lc_win_rate": s["lc_win_rate"],
+            "judge_lc_win_rate_se": s["lc_win_rate_se"], "judge_n": s["n"]}
+
+
+def _rate(value: float | None, se: float | None) -> str:
+    from prefloop.evaluate import format_rate
+
+    if value is None:
+        return "-"
+    return format_rate(value) + (f" ± {se:.1f}" if se is not None else "")
 
 
 def _warn(ctx: Context, t: int, record: dict) -> None:
