@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -804,3 +804,52 @@ def prompted_baseline_rows(
     if difficulty is not None:
         rows += ([difficulty[str(r["prompt_id"])] for r in b],)
     return rows
+
+
+@dataclass
+class Comparison:
+    """A against B by a reward, on the prompts both answer (:func:`compare`)."""
+
+    a: list[dict]  # A's row of each shared prompt (its first), in A's order
+    b: list[dict]  # B's row of the same prompt
+    win_rate: WinRate
+    lc: LCWinRate
+    regularize: list[RegularizationRows]  # the prompted baselines' rows, as fitted
+
+
+def compare(
+    a_rows: Sequence[dict],
+    b_rows: Sequence[dict],
+    fit: str = "glm",
+    difficulty: Callable[[list[str]], np.ndarray] | None = None,
+    prompted: Sequence[tuple[str, Sequence[dict]]] = (),
+    regularize_lambda: float = 0.2,
+    names: tuple[str, str] = ("A", "B"),
+) -> Comparison:
+    """Win rate and length-controlled win rate of scored responses A against B: the one
+    evaluation `prefloop evaluate` and the loop's evaluate stage share.
+
+    Prompts are matched by :func:`pair_by_prompt` (each prompt's first row in each list);
+    the preference is σ(s_A − s_B), lengths in characters. ``difficulty`` maps the shared
+    prompt ids to the LC GLM's per-prompt covariate; ``prompted`` are (name, rows) of B's
+    answers when prompted to be verbose/concise, scored by the same reward, which regularise
+    the length slope as AlpacaEval 2 does. Raises PrefloopError, naming the two sets by
+    ``names``, when they share no prompt.
+    """
+    pairs = pair_by_prompt(a_rows, b_rows)
+    if not pairs:
+        raise PrefloopError(f"{names[0]} and {names[1]} share no prompt_id")
+    a, b = [a_rows[i] for i, _ in pairs], [b_rows[j] for _, j in pairs]
+    theta_d = None
+    by_prompt = None
+    if difficulty is not None:
+        ids = [str(r["prompt_id"]) for r in a]
+        theta_d = difficulty(ids)
+        by_prompt = dict(zip(ids, theta_d.tolist(), strict=True))
+    regularize = [prompted_baseline_rows(name, rows, b, by_prompt) for name, rows in prompted]
+    sa, sb = [r["score"] for r in a], [r["score"] for r in b]
+    lc = length_controlled_win_rate(preferences(sa, sb), [response_chars(r) for r in a],
+                                    [response_chars(r) for r in b], theta_d, fit=fit,
+                                    regularize_to=regularize,
+                                    regularize_lambda=regularize_lambda)
+    return Comparison(a, b, win_rate(sa, sb), lc, regularize)

@@ -128,25 +128,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 r["score"] = s
     if not procs.is_main:
         return 0
-    pairs = ev.pair_by_prompt(a, b)
-    if not pairs:
-        raise PrefloopError(f"{args.a} and {args.b} share no prompt_id")
-    pa, pb = [a[i] for i, _ in pairs], [b[j] for _, j in pairs]
-    ids = [str(r["prompt_id"]) for r in pa]
     difficulty = None
     if args.difficulty_column:
         sources = [(args.a, a), (args.b, b)]
         if args.prompts:
             sources.append((args.prompts, load_rows(args.prompts)))
-        difficulty = ev.prompt_numbers(args.difficulty_column, ids, sources)
-    by_prompt = None if difficulty is None else dict(zip(ids, difficulty.tolist(), strict=True))
-    regularize = [ev.prompted_baseline_rows(path, rows, pb, by_prompt) for path, rows in variants]
+
+        def difficulty(ids: list[str]):
+            return ev.prompt_numbers(args.difficulty_column, ids, sources)
+    result = ev.compare(a, b, args.lc_fit, difficulty, variants, args.regularize_lambda,
+                        names=(args.a, args.b))
+    pa, pb, wr, lc, regularize = result.a, result.b, result.win_rate, result.lc, \
+        result.regularize
     sa, sb = [r["score"] for r in pa], [r["score"] for r in pb]
     chars_a, chars_b = [ev.response_chars(r) for r in pa], [ev.response_chars(r) for r in pb]
-    wr = ev.win_rate(sa, sb)
-    lc = ev.length_controlled_win_rate(ev.preferences(sa, sb), chars_a, chars_b, difficulty,
-                                       fit=args.lc_fit, regularize_to=regularize,
-                                       regularize_lambda=args.regularize_lambda)
     la = ev.length_stats([r.get("num_tokens", 0) for r in pa], chars_a)
     lb = ev.length_stats([r.get("num_tokens", 0) for r in pb], chars_b)
     thetas = f"θ_len {lc.theta_length:+.3f}, θ_m {lc.theta_model:+.3f}"
@@ -215,7 +210,7 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     """`prefloop evaluate A B --judge-model NAME`: A judged against B by an LLM judge."""
     from prefloop.evaluate import format_rate
     from prefloop.judge import JudgeConfig, judge_pairs, write_judge_files
-    from prefloop.stages import Processes
+    from prefloop.workers import Processes
 
     cfg = JudgeConfig(model=args.judge_model, base_url=args.judge_base_url or "",
                       api_key_env=args.judge_api_key_env, order=args.judge_order,

@@ -9,13 +9,7 @@ def evaluate_iteration(t: int, rows: list[dict], baseline: list[dict],
     """Metrics of iteration t's eval samples against the initial policy's (iteration 0)."""
     import numpy as np
 
-    from prefloop.evaluate import (
-        kl_estimate,
-        length_controlled_win_rate,
-        length_stats,
-        preferences,
-        win_rate,
-    )
+    from prefloop.evaluate import compare, kl_estimate, length_stats
 
     scores = np.array([r["score"] for r in rows], dtype=float)
     record: dict = {"iteration": t, "n": len(rows), "mean_reward": float(scores.mean())}
@@ -26,19 +20,14 @@ def evaluate_iteration(t: int, rows: list[dict], baseline: list[dict],
     if any("gold" in r for r in rows):
         record["gold_accuracy"] = float(np.mean([r.get("gold", 0.0) for r in rows]))
         record["gold_accuracy_se"] = prompt_clustered_se(rows, "gold")
-    first = {r["prompt_id"]: r for r in baseline if r["sample_index"] == 0}
-    mine = [r for r in rows if r["sample_index"] == 0 and r["prompt_id"] in first]
-    base = [first[r["prompt_id"]] for r in mine]
-    a = np.array([r["score"] for r in mine], dtype=float)
-    b = np.array([r["score"] for r in base], dtype=float)
-    wr = win_rate(a, b)  # percent
+    # the same comparison `prefloop evaluate` makes: first answer per prompt, σ(s_A − s_B)
+    result = compare(rows, baseline, lc_fit, names=(f"iteration {t}", "iteration 0"))
+    wr = result.win_rate  # percent
     record.update(win_rate=wr.soft, win_rate_se=wr.soft_se, win_rate_hard=wr.hard,
                   win_rate_hard_se=wr.hard_se)
-    lc = length_controlled_win_rate(preferences(a, b, "soft"), [r["num_chars"] for r in mine],
-                                    [r["num_chars"] for r in base], fit=lc_fit)
-    record["lc_win_rate"] = float(lc.lc)
-    if lc.warnings:
-        record["lc_warnings"] = list(lc.warnings)
+    record["lc_win_rate"] = float(result.lc.lc)
+    if result.lc.warnings:
+        record["lc_warnings"] = list(result.lc.warnings)
     record["kl"] = None
     if initial_logps is not None:
         kl, kl_se = kl_estimate([r["logprob"] for r in rows], initial_logps)
