@@ -222,6 +222,11 @@ def test_missing_tensor_and_pickle_weights_are_refused(models, tmp_path):
                                             r"pytorch_model\.bin"):
         merge_models(MergeConfig(base=str(models / "base"), models=[str(pickled)],
                                  output_dir=str(tmp_path / "out")))
+    # one list of pickle suffixes for every loader: merge missed .pickle
+    (pickled / "pytorch_model.bin").rename(pickled / "weights.pickle")
+    with pytest.raises(PrefloopError, match=r"\(found weights\.pickle; prefloop reads no"):
+        merge_models(MergeConfig(base=str(models / "base"), models=[str(pickled)],
+                                 output_dir=str(tmp_path / "out")))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from prefloop.errors import PrefloopError
+from prefloop.models import PICKLE_SUFFIXES
 from prefloop.workers import bar
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -46,7 +47,6 @@ CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 # ---------------------------------------------------------------- configuration

@@ -12,7 +12,8 @@ from prefloop.errors import PrefloopError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+# Weight files that are pickles (loading one runs code): prefloop reads none of them.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def check_source(name_or_path: str) -> None:
@@ -40,8 +41,8 @@ def check_source(name_or_path: str) -> None:
     if not (path / "config.json").is_file():
         raise PrefloopError(f"{name_or_path}: not a model directory (no config.json)")
     if not any(path.glob("*.safetensors")):
-        unsafe = sorted(f.name for pattern in UNSAFE_WEIGHTS for f in path.glob(pattern)
-                        if f.name != "training_args.bin")
+        unsafe = sorted(f.name for f in path.iterdir()
+                        if f.suffix in PICKLE_SUFFIXES and f.name != "training_args.bin")
         if unsafe:
             raise PrefloopError(
                 f"{name_or_path}: weights are loaded only from safetensors files, found "
