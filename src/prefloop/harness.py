@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prefloop import batching
-from prefloop.config import TrainingConfig, dump_yaml
+from prefloop import batching, faults
+from prefloop.config import TrainingConfig, config_hash, dump_yaml
 from prefloop.errors import PrefloopError
 from prefloop.io import write_error
 from prefloop.logprobs import ResponseLogProbs
@@ -295,6 +296,136 @@ def write_summary(partial: Path, summary: dict, cfg: Any) -> None:
     """train_summary.json plus the resolved config as train_config.yaml."""
     (partial / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (partial / "train_config.yaml").write_text(dump_yaml(cfg))
+
+
+# ---------------------------------------------------------------- the training run
+
+
+class TrainingRun:
+    """The skeleton every trainer shares (`prefloop train`, `sft`, `reward-model`): the
+    accelerator and seed, the model made trainable (gradient checkpointing, LoRA), AdamW and
+    its schedule, the partial output directory, the step loop with clipping, logging,
+    progress and checkpoints, and the export. A trainer supplies only what differs: its
+    model and data, one optimizer step's micro-batches → loss (`step`), and its summary.
+
+        run = TrainingRun(cfg, "prefloop-sft", "sft", progress)   # accelerator, seed
+        ... load the tokenizer, the data, the model ...
+        run.start(model, tokenizer, lengths, wrap=..., lora=...)  # optimizer, output
+        run.loop(step, before_update, after_update)               # the optimizer steps
+        run.finish(summary, tokenizer)                            # export, atomically
+    """
+
+    def __init__(self, cfg: Any, tracker: str, desc: str, progress: bool):
+        from accelerate.utils import set_seed
+
+        self.cfg, self.t = cfg, cfg.training
+        self.tracker, self.desc = tracker, desc
+        self.accelerator = make_accelerator(self.t.precision, cfg.report_to, cfg.output_dir)
+        self.main = self.accelerator.is_main_process
+        self.n_proc = self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.progress = progress and self.main
+        self.log: StepLog | None = None
+        set_seed(self.t.seed)
+
+    def start(self, model: nn.Module, tokenizer: Any, lengths: Sequence[int],
+              wrap: Callable[[nn.Module], nn.Module] | None = None,
+              lora: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+        """Make `model` trainable, plan `lengths` items into optimizer steps, build the
+        optimizer and the partial output directory; returns the model (LoRA-wrapped when
+        asked) whose `params` train. `self.wrapped` is what the step calls; `tokenizer` is
+        saved with every checkpoint."""
+        from prefloop.models import count_parameters
+
+        t = self.t
+        self.tokenizer = tokenizer
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        if t.lora.enabled:
+            model = lora(model)
+        model.train()
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.global_batch = t.batch_size * self.n_proc
+        self.total_steps = training_steps(len(lengths), self.global_batch, t)
+        self.optimizer, self.scheduler = make_optimizer(self.params, t, self.total_steps)
+        self.wrapped, self.optimizer = self.accelerator.prepare(
+            wrap(model) if wrap else model, self.optimizer)
+        self.trainable_parameters, self.total_parameters = count_parameters(model)
+        if self.cfg.report_to:
+            self.accelerator.init_trackers(self.tracker,
+                                           config={"config_hash": config_hash(self.cfg)})
+        self.partial = prepare_output(self.cfg.output_dir, self.main)
+        self.accelerator.wait_for_everyone()
+        self.log = StepLog(self.partial / "train_log.jsonl", self.accelerator, t.log_every,
+                           self.total_steps, bool(self.cfg.report_to))
+        self.stream = micro_batches(lengths, self.global_batch, t)
+        return model
+
+    def loop(self, step: Callable[[int], tuple[dict, int, int]],
+             before_update: Callable[[], Any] | None = None,
+             after_update: Callable[[dict, Any], None] | None = None,
+             count: str = "pairs",
+             shown: dict[str, str] | None = None) -> float:
+        """Run every optimizer step; returns the seconds spent.
+
+        `step(k)` does optimizer step k's micro-batches (forward, backward) and returns its
+        record (the step's statistics), its epoch and the number of items it trained on.
+        `before_update()` runs after clipping, just before the update (its result goes to
+        `after_update(record, it)`, which runs after the update and may add to the record).
+        Each record then gets step, epoch, lr (the rate the update used), grad_norm, the
+        running item count under `count`, and seconds. The progress bar shows `shown`
+        ({label: record key}; default loss and accuracy).
+        """
+        shown = shown if shown is not None else {"loss": "loss", "acc": "accuracy"}
+        t, accelerator = self.t, self.accelerator
+        bar = progress_bar(self.total_steps, self.progress, self.desc)
+        self.items_seen, start = 0, time.perf_counter()
+        for k in range(1, self.total_steps + 1):
+            record, epoch, items = step(k)
+            grad_norm = accelerator.clip_grad_norm_(self.params, t.max_grad_norm)
+            lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
+            held = before_update() if before_update else None
+            self.optimizer.step()
+            if after_update:
+                after_update(record, held)
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.items_seen += items
+            faults.point()
+            record.update({"step": k, "epoch": epoch, "lr": lr, "grad_norm": float(grad_norm),
+                           count: self.items_seen, "seconds": time.perf_counter() - start})
+            self.log.add(record)
+            if bar is not None:
+                bar.set_postfix({label: f"{record[key]:.4f}" if key == "loss"
+                                 else f"{record[key]:.2f}" for label, key in shown.items()})
+                bar.update(1)
+            if t.save_every and k % t.save_every == 0 and k < self.total_steps and self.main:
+                save_checkpoint(accelerator, self.wrapped, self.tokenizer,
+                                self.partial / f"checkpoint-{k}", t.lora.enabled)
+        if bar is not None:
+            bar.close()
+        self.seconds = time.perf_counter() - start
+        return self.seconds
+
+    def unwrapped(self) -> nn.Module:
+        return unwrapped_model(self.accelerator, self.wrapped)
+
+    def finish(self, summary: dict, tokenizer: Any, model: nn.Module | None = None) -> Path:
+        """Export the trained model (`model`, default the unwrapped one) with `tokenizer`,
+        write train_summary.json / train_config.yaml, and move the partial directory over
+        the output directory (main process only); every process waits for it."""
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            export_model(model if model is not None else self.unwrapped(), tokenizer,
+                         self.partial)
+            write_summary(self.partial, summary, self.cfg)
+            finish_output(self.partial, self.cfg.output_dir)
+        self.accelerator.wait_for_everyone()
+        if self.cfg.report_to:
+            self.accelerator.end_training()
+        return Path(self.cfg.output_dir)
 
 
 # ---------------------------------------------------------------- logging

@@ -31,16 +31,14 @@ Phases of `train_reward_model`:
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prefloop import batching, faults, harness
+from prefloop import batching, harness
 from prefloop.config import TrainingConfig, config_hash, validate_common
 from prefloop.data import (
     PreferenceExample,
@@ -52,8 +50,6 @@ from prefloop.data import (
 from prefloop.errors import PrefloopError, where
 from prefloop.models import (
     check_source,
-    count_parameters,
-    export_model,
     load_error,
     load_tokenizer,
 )
@@ -284,13 +280,11 @@ def train_reward_model(cfg: RewardModelConfig, rows: list[dict] | None = None,
     steps, each scored just before its update) and `eval_accuracy` / `eval_margin` of the
     final model on the held-out pairs (None without any).
     """
-    from accelerate.utils import set_seed
-
     cfg.validate(require_data=rows is None)
     t = cfg.training
-    accelerator = harness.make_accelerator(t.precision, cfg.report_to, cfg.output_dir)
-    main, n_proc = accelerator.is_main_process, accelerator.num_processes
-    set_seed(t.seed)  # also seeds the new head's initialisation
+    # the seed set here also seeds the new head's initialisation
+    run = harness.TrainingRun(cfg, "prefloop-reward-model", "reward model", progress)
+    accelerator, device = run.accelerator, run.device
 
     # 1. model, tokenizer, pairs, split -----------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -298,34 +292,15 @@ def train_reward_model(cfg: RewardModelConfig, rows: list[dict] | None = None,
     model, head_is_new = load_reward_backbone(cfg.model, tokenizer.pad_token_id,
                                               cfg.trust_remote_code)
     train, held_out = split_pairs(pairs, cfg.eval_fraction, t.seed)
-    pad_id, device = tokenizer.pad_token_id, accelerator.device
+    pad_id = tokenizer.pad_token_id
     model.to(device)
 
     # 2. optimiser, output directory -------------------------------------------------------------
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if t.lora.enabled:
-        model = _apply_lora(model, t.lora)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    global_batch = t.batch_size * n_proc
-    total_steps = harness.training_steps(len(train), global_batch, t)
-    per_epoch = batching.steps_per_epoch(len(train), global_batch, t.grad_accum)
-    optimizer, scheduler = harness.make_optimizer(params, t, total_steps)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    params_trainable, params_total = count_parameters(model)
-    if cfg.report_to:
-        accelerator.init_trackers("prefloop-reward-model",
-                                  config={"config_hash": config_hash(cfg)})
-    partial = harness.prepare_output(cfg.output_dir, main)
-    accelerator.wait_for_everyone()
-    log = harness.StepLog(partial / "train_log.jsonl", accelerator, t.log_every, total_steps,
-                          bool(cfg.report_to))
-    stream = harness.micro_batches([p.length for p in train], global_batch, t)
-    bar = harness.progress_bar(total_steps, progress and main, "reward model")
+    run.start(model, tokenizer, [p.length for p in train], lora=lambda m: _apply_lora(m, t.lora))
+    per_epoch = batching.steps_per_epoch(len(train), run.global_batch, t.grad_accum)
+    wrapped = run.wrapped
 
     # 3. optimisation --------------------------------------------------------------------------
-    pairs_seen, start = 0, time.perf_counter()
     correct_per_step: list[tuple[float, int]] = []
 
     def forward(idx: list[int]) -> tuple[Tensor, Tensor]:
@@ -336,60 +311,35 @@ def train_reward_model(cfg: RewardModelConfig, rows: list[dict] | None = None,
         return losses, torch.stack([losses.detach(), (r_w > r_l).float(), r_w - r_l, r_w,
                                     r_l], dim=1)  # (b, 5)
 
-    for step in range(1, total_steps + 1):
+    def step(k: int) -> tuple[dict, int, int]:
         sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "chosen_reward": 0.0,
                 "rejected_reward": 0.0}
         epoch, step_pairs = harness.accumulate_pairs(
-            accelerator, wrapped, stream, t.grad_accum, train, forward, sums, step, partial,
-            cfg.output_dir, cfg.model)
-        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses (before the scheduler moves)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        pairs_seen += step_pairs
-        faults.point()
+            accelerator, wrapped, run.stream, t.grad_accum, train, forward, sums, k,
+            run.partial, cfg.output_dir, cfg.model)
         correct_per_step.append((sums["accuracy"], step_pairs))
-        record = {key: v / step_pairs for key, v in sums.items()}
-        record.update(step=step, epoch=epoch, lr=lr,
-                      grad_norm=float(grad_norm), pairs=pairs_seen,
-                      seconds=time.perf_counter() - start)
-        log.add(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-            bar.update(1)
-        if t.save_every and step % t.save_every == 0 and step < total_steps and main:
-            harness.save_checkpoint(accelerator, wrapped, tokenizer,
-                                    partial / f"checkpoint-{step}", t.lora.enabled)
-    if bar is not None:
-        bar.close()
-    seconds = time.perf_counter() - start
+        return {key: v / step_pairs for key, v in sums.items()}, epoch, step_pairs
+
+    seconds = run.loop(step)
 
     # 4. held-out accuracy, export ---------------------------------------------------------------
     last = correct_per_step[-min(per_epoch, len(correct_per_step)):]
     summary = {
-        "steps": total_steps, "pairs_seen": pairs_seen, "seconds": seconds,
-        "pairs_per_second": pairs_seen / seconds, "num_train_pairs": len(train),
-        "num_eval_pairs": len(held_out), "processes": n_proc, "head": "new" if head_is_new
+        "steps": run.total_steps, "pairs_seen": run.items_seen, "seconds": seconds,
+        "pairs_per_second": run.items_seen / seconds, "num_train_pairs": len(train),
+        "num_eval_pairs": len(held_out), "processes": run.n_proc, "head": "new" if head_is_new
         else "loaded", "center_coef": cfg.center_coef, "truncation": stats.as_dict(),
         "train_accuracy": sum(c for c, _ in last) / sum(n for _, n in last),
         "eval_accuracy": None, "eval_margin": None, "eval_reward_mean": None,
-        "trainable_parameters": params_trainable, "total_parameters": params_total,
-        "config_hash": config_hash(cfg),
+        "trainable_parameters": run.trainable_parameters,
+        "total_parameters": run.total_parameters, "config_hash": config_hash(cfg),
     }
-    model = harness.unwrapped_model(accelerator, wrapped)
+    model = run.unwrapped()
     if held_out:
         chosen, rejected = pair_rewards(model, held_out, pad_id, t.batch_size * 2, accelerator)
         summary.update(eval_accuracy=(chosen > rejected).float().mean().item(),
                        eval_margin=(chosen - rejected).mean().item(),
                        eval_reward_mean=torch.cat([chosen, rejected]).mean().item())
-    accelerator.wait_for_everyone()
-    if main:
-        export_model(model, tokenizer, partial)
-        harness.write_summary(partial, summary, cfg)
-        harness.finish_output(partial, cfg.output_dir)
-    accelerator.wait_for_everyone()
-    if cfg.report_to:
-        accelerator.end_training()
-    return harness.RunResult(Path(cfg.output_dir), total_steps, pairs_seen, seconds,
-                             log.records, stats.as_dict(), main, summary)
+    output_dir = run.finish(summary, tokenizer, model)
+    return harness.RunResult(output_dir, run.total_steps, run.items_seen, seconds,
+                             run.log.records, stats.as_dict(), run.main, summary)

@@ -46,15 +46,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from prefloop import batching, faults, harness
+from prefloop import batching, harness
 from prefloop.config import TrainingConfig, check_choice, config_hash, validate_common
 from prefloop.data import (
     Message,
@@ -69,8 +67,6 @@ from prefloop.errors import PrefloopError, where
 from prefloop.logprobs import ResponseBatch, ResponseLogProbs, collate_sequences
 from prefloop.models import (
     apply_lora,
-    count_parameters,
-    export_model,
     load_causal_lm,
     load_tokenizer,
 )
@@ -360,119 +356,82 @@ def load_sft_data(cfg: SFTConfig, tokenizer, rows: list[dict] | None = None):
 def train_sft(cfg: SFTConfig, rows: list[dict] | None = None,
               progress: bool = True) -> harness.RunResult:
     """Fine-tune `cfg.model` on completions; `rows` (in memory) replaces `cfg.data.path`."""
-    from accelerate.utils import set_seed
-
     cfg.validate(require_data=rows is None)
     t = cfg.training
-    accelerator = harness.make_accelerator(t.precision, cfg.report_to, cfg.output_dir)
-    main, n_proc = accelerator.is_main_process, accelerator.num_processes
-    set_seed(t.seed)
+    run = harness.TrainingRun(cfg, "prefloop-sft", "sft", progress)
+    accelerator, device, n_proc = run.accelerator, run.device, run.n_proc
 
     # 1. model, tokenizer, data ----------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     seqs, stats = load_sft_data(cfg, tokenizer, rows)  # bad data fails before loading weights
     model = load_causal_lm(cfg.model, cfg.trust_remote_code)
-    pad_id, device = tokenizer.pad_token_id, accelerator.device
+    pad_id = tokenizer.pad_token_id
     model.to(device)
 
     # 2. optimiser, θ₀, output directory ---------------------------------------------------------
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if t.lora.enabled:
-        model = apply_lora(model, t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.target_modules)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    model = run.start(model, tokenizer, [s.length for s in seqs], wrap=ResponseLogProbs,
+                      lora=lambda m: apply_lora(m, t.lora.r, t.lora.alpha, t.lora.dropout,
+                                                t.lora.target_modules))
+    params, wrapped = run.params, run.wrapped
     # θ₀: on the device when the penalty needs it every step, else on the CPU for the summary
     anchors = [p.detach().clone() if cfg.l1_delta else p.detach().to("cpu", copy=True)
                for p in params]
-    global_batch = t.batch_size * n_proc
-    total_steps = harness.training_steps(len(seqs), global_batch, t)
-    optimizer, scheduler = harness.make_optimizer(params, t, total_steps)
-    wrapped, optimizer = accelerator.prepare(ResponseLogProbs(model), optimizer)
-    params_trainable, params_total = count_parameters(model)
-    if cfg.report_to:
-        accelerator.init_trackers("prefloop-sft", config={"config_hash": config_hash(cfg)})
-    partial = harness.prepare_output(cfg.output_dir, main)
-    accelerator.wait_for_everyone()
-    log = harness.StepLog(partial / "train_log.jsonl", accelerator, t.log_every, total_steps,
-                          bool(cfg.report_to))
-    stream = harness.micro_batches([s.length for s in seqs], global_batch, t)
     tokens_per_example = sum(s.num_trained for s in seqs) / len(seqs)  # c̄
-    bar = harness.progress_bar(total_steps, progress and main, "sft")
+    tokens_seen = 0
 
     # 3. optimisation --------------------------------------------------------------------------
-    examples_seen, tokens_seen, start = 0, 0, time.perf_counter()
-    for step in range(1, total_steps + 1):
-        micro = [next(stream) for _ in range(t.grad_accum)]
+    def step(k: int) -> tuple[dict, int, int]:
+        nonlocal tokens_seen
+        micro = [next(run.stream) for _ in range(t.grad_accum)]
         step_tokens = sum(seqs[i].num_trained for _, b, _ in micro for i in b)
         # every process knows the step's example count, so the summed NLL scaled by
         # n_proc / (examples · c̄) weighs every token of the epoch alike (DDP averages)
         normaliser = micro[0][2] * tokens_per_example
         nll_sum = torch.zeros((), device=device)
-        epoch = micro[-1][0]
-        for k, (_, global_idx, _) in enumerate(micro):
+        for j, (_, global_idx, _) in enumerate(micro):
             idx = batching.shard(global_idx, accelerator.process_index, n_proc)
             batch = collate_sft([seqs[i] for i in idx], pad_id).to(device)
-            sync = k == t.grad_accum - 1
+            sync = j == t.grad_accum - 1
             ctx = contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
             with ctx, accelerator.autocast():
                 nll = -wrapped(batch).sum()  # (T,) completion-token log-probs → summed NLL
                 loss = nll * (n_proc / normaliser)
                 if not torch.isfinite(loss):
-                    raise harness.non_finite_loss(loss, step, k, [seqs[i].row for i in idx],
-                                                  partial, cfg.output_dir, cfg.model, main)
+                    raise harness.non_finite_loss(loss, k, j, [seqs[i].row for i in idx],
+                                                  run.partial, cfg.output_dir, cfg.model,
+                                                  run.main)
                 accelerator.backward(loss)
             nll_sum += nll.detach().float()
         if n_proc > 1:
             nll_sum = accelerator.reduce(nll_sum, reduction="sum")
-        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
-        if cfg.l1_delta:
-            orthants = l1_pseudo_gradient_(params, anchors, cfg.l1_delta)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses (before the scheduler moves)
-        optimizer.step()
+        tokens_seen += step_tokens
+        record = {"loss": nll_sum.item() / step_tokens, "tokens": step_tokens}
+        return record, micro[-1][0], sum(len(b) for _, b, _ in micro)
+
+    def before_update():
+        return l1_pseudo_gradient_(params, anchors, cfg.l1_delta) if cfg.l1_delta else None
+
+    def after_update(record: dict, orthants) -> None:
         if cfg.l1_delta:
             project_to_orthants_(params, anchors, orthants)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        examples_seen += sum(len(b) for _, b, _ in micro)
-        tokens_seen += step_tokens
-        faults.point()
-        record = {"loss": nll_sum.item() / step_tokens, "tokens": step_tokens, "step": step,
-                  "epoch": epoch, "lr": lr, "grad_norm": float(grad_norm),
-                  "examples": examples_seen, "seconds": time.perf_counter() - start}
-        if cfg.l1_delta:
             delta = delta_stats(params, anchors)
             record.update(l1=cfg.l1_delta * delta["delta_l1"],
                           delta_sparsity=delta["delta_sparsity"])
-        log.add(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            bar.update(1)
-        if t.save_every and step % t.save_every == 0 and step < total_steps and main:
-            harness.save_checkpoint(accelerator, wrapped, tokenizer,
-                                    partial / f"checkpoint-{step}", t.lora.enabled)
-    if bar is not None:
-        bar.close()
-    seconds = time.perf_counter() - start
+
+    seconds = run.loop(step, before_update, after_update, count="examples",
+                       shown={"loss": "loss"})
 
     # 4. export --------------------------------------------------------------------------------
     truncation = stats.as_dict()
     summary = {
-        "steps": total_steps, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
+        "steps": run.total_steps, "examples_seen": run.items_seen, "tokens_seen": tokens_seen,
         "seconds": seconds, "tokens_per_second": tokens_seen / seconds,
         "num_examples": len(seqs), "processes": n_proc, "truncation": truncation,
-        "final_loss": log.records[-1]["loss"], "l1_delta": cfg.l1_delta,
+        "final_loss": run.log.records[-1]["loss"], "l1_delta": cfg.l1_delta,
         **delta_stats(params, anchors), "delta_tolerance": DELTA_TOLERANCE,
-        "trainable_parameters": params_trainable, "total_parameters": params_total,
-        "config_hash": config_hash(cfg),
+        "trainable_parameters": run.trainable_parameters,
+        "total_parameters": run.total_parameters, "config_hash": config_hash(cfg),
     }
-    accelerator.wait_for_everyone()
-    if main:
-        export_model(harness.unwrapped_model(accelerator, wrapped), tokenizer, partial)
-        harness.write_summary(partial, summary, cfg)
-        harness.finish_output(partial, cfg.output_dir)
-    accelerator.wait_for_everyone()
-    if cfg.report_to:
-        accelerator.end_training()
-    return harness.RunResult(Path(cfg.output_dir), total_steps, examples_seen, seconds,
-                             log.records, truncation, main, summary)
+    output_dir = run.finish(summary, tokenizer)
+    return harness.RunResult(output_dir, run.total_steps, run.items_seen, seconds,
+                             run.log.records, truncation, run.main, summary)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from prefloop import faults, harness
+from prefloop import harness
 from prefloop.config import TrainConfig, config_hash
 from prefloop.data import TokenizedPair, load_rows, pairs_from_rows
 from prefloop.errors import PrefloopError
@@ -35,8 +35,6 @@ from prefloop.logprobs import (
 from prefloop.losses import LOSSES, PreferenceLogps, compute_loss
 from prefloop.models import (
     apply_lora,
-    count_parameters,
-    export_model,
     load_causal_lm,
     load_tokenizer,
 )
@@ -225,15 +223,11 @@ def train_preferences(
     """Train `cfg.model` on preference pairs; returns where the model was written and the log.
     `length_goal`: the loop's measured length of the sampling policy and its target, for
     lr_dpo's α under `loss.length_control.mode=target`."""
-    from accelerate.utils import set_seed
-
     cfg.validate()
     t_cfg = cfg.training
     spec = LOSSES[cfg.loss.name]
-    accelerator = harness.make_accelerator(t_cfg.precision, cfg.report_to, cfg.output_dir)
-    main = accelerator.is_main_process
-    set_seed(t_cfg.seed)
-    output_dir = Path(cfg.output_dir)
+    run = harness.TrainingRun(cfg, "prefloop", "train", progress)
+    accelerator, device = run.accelerator, run.device
 
     # 1. policy, tokenizer, pairs -------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -245,7 +239,6 @@ def train_preferences(
     first_params = dict(loss_params)
     policy = load_causal_lm(cfg.model, cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id
-    device = accelerator.device
     policy.to(device)
 
     # 2. reference / teacher log-probs: once, no grad ---------------------------------------------
@@ -268,28 +261,11 @@ def train_preferences(
     reference_seconds = time.perf_counter() - ref_start
 
     # 3. optimisation ------------------------------------------------------------------------------
-    if t_cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if t_cfg.lora.enabled:
-        lora = t_cfg.lora
-        policy = apply_lora(policy, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-    policy.train()
-    params = [p for p in policy.parameters() if p.requires_grad]
-    global_batch = t_cfg.batch_size * accelerator.num_processes
-    total_steps = harness.training_steps(len(pairs), global_batch, t_cfg)
-    optimizer, scheduler = harness.make_optimizer(params, t_cfg, total_steps)
-    wrapped, optimizer = accelerator.prepare(ResponseLogProbs(policy), optimizer)
-    params_trainable, params_total = count_parameters(policy)
-    if cfg.report_to:
-        accelerator.init_trackers("prefloop", config={"config_hash": config_hash(cfg)})
-
-    partial = harness.prepare_output(output_dir, main)
-    accelerator.wait_for_everyone()
-    log = harness.StepLog(partial / "train_log.jsonl", accelerator, t_cfg.log_every, total_steps,
-                          bool(cfg.report_to))
-    stream = harness.micro_batches([p.length for p in pairs], global_batch, t_cfg)
-    bar = harness.progress_bar(total_steps, progress and main)
-    pairs_seen, start = 0, time.perf_counter()
+    lora = t_cfg.lora
+    run.start(policy, tokenizer, [p.length for p in pairs], wrap=ResponseLogProbs,
+              lora=lambda m: apply_lora(m, lora.r, lora.alpha, lora.dropout,
+                                        lora.target_modules))
+    wrapped = run.wrapped
 
     def forward(idx: list[int]) -> tuple[Tensor, Tensor]:
         """Per-pair losses and statistics of one micro-batch (`harness.accumulate_pairs`)."""
@@ -310,60 +286,41 @@ def train_preferences(
             logps.chosen_lengths.float(), logps.rejected_lengths.float(), *h,
         ], dim=1)  # (b, len(STATS)), then ALPHA_INPUTS when α adapts
 
-    for step in range(1, total_steps + 1):
+    per_pair: list[Tensor] = []
+
+    def step(k: int) -> tuple[dict, int, int]:
         sums = dict.fromkeys(STATS, 0.0)
-        per_pair: list[Tensor] = []
+        per_pair.clear()
         epoch, step_pairs = harness.accumulate_pairs(
-            accelerator, wrapped, stream, t_cfg.grad_accum, pairs, forward, sums, step, partial,
-            output_dir, cfg.model, per_pair)
-        grad_norm = accelerator.clip_grad_norm_(params, t_cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses (before the scheduler moves)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        pairs_seen += step_pairs
-        faults.point()
-        record = {k: v / step_pairs for k, v in sums.items()}
+            accelerator, wrapped, run.stream, t_cfg.grad_accum, pairs, forward, sums, k,
+            run.partial, cfg.output_dir, cfg.model, per_pair)
+        record = {key: v / step_pairs for key, v in sums.items()}
         record["margin"] = record["chosen_reward"] - record["rejected_reward"]
+        return record, epoch, step_pairs
+
+    def after_update(record: dict, _: object) -> None:
         if alpha is not None:  # α of the next step, from this step's pairs (every process)
             inputs = torch.cat(per_pair).double()[:, len(STATS):].T  # ALPHA_INPUTS, if any
             record.update(alpha.after_step(*inputs, beta=loss_params["beta"]))
             loss_params["alpha"] = alpha.alpha
-        record.update(step=step, epoch=epoch, lr=lr,
-                      grad_norm=float(grad_norm), pairs=pairs_seen,
-                      seconds=time.perf_counter() - start)
-        log.add(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-            bar.update(1)
-        if t_cfg.save_every and step % t_cfg.save_every == 0 and step < total_steps and main:
-            harness.save_checkpoint(accelerator, wrapped, tokenizer, partial / f"checkpoint-{step}",
-                                    t_cfg.lora.enabled)
-    if bar is not None:
-        bar.close()
-    seconds = time.perf_counter() - start
+
+    seconds = run.loop(step, after_update=after_update)
 
     # 4. export --------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    if main:
-        export_model(harness.unwrapped_model(accelerator, wrapped), tokenizer, partial)
-        summary = {
-            "steps": total_steps, "pairs_seen": pairs_seen, "seconds": seconds,
-            "pairs_per_second": pairs_seen / seconds, "num_pairs": len(pairs),
-            "reference_seconds": reference_seconds,
-            "processes": accelerator.num_processes, "loss": cfg.loss.name,
-            "loss_params": first_params,
-            "truncation": truncation, "trainable_parameters": params_trainable,
-            "total_parameters": params_total, "config_hash": config_hash(cfg),
-        }
-        if alpha is not None:
-            summary["length_control"] = alpha.summary()
-        harness.write_summary(partial, summary, cfg)
-        harness.finish_output(partial, output_dir)
-    accelerator.wait_for_everyone()
-    if cfg.report_to:
-        accelerator.end_training()
-    return TrainResult(output_dir, total_steps, pairs_seen, seconds, log.records, truncation, main,
+    summary = {
+        "steps": run.total_steps, "pairs_seen": run.items_seen, "seconds": seconds,
+        "pairs_per_second": run.items_seen / seconds, "num_pairs": len(pairs),
+        "reference_seconds": reference_seconds,
+        "processes": run.n_proc, "loss": cfg.loss.name,
+        "loss_params": first_params,
+        "truncation": truncation, "trainable_parameters": run.trainable_parameters,
+        "total_parameters": run.total_parameters, "config_hash": config_hash(cfg),
+    }
+    if alpha is not None:
+        summary["length_control"] = alpha.summary()
+    output_dir = run.finish(summary, tokenizer)
+    return TrainResult(output_dir, run.total_steps, run.items_seen, seconds, run.log.records,
+                       truncation, run.main,
                        reference_seconds, first_params, alpha.history if alpha else [],
                        alpha.summary() if alpha else {})
 
