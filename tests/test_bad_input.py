@@ -463,14 +463,14 @@ def test_full_disk_while_writing_an_artifact(tmp_path, capsys, monkeypatch):
 
 
 def test_full_disk_while_exporting_a_model(models, tmp_path, capsys, monkeypatch):
-    import prefloop.trainer
+    import prefloop.harness
 
     def export(model, tokenizer, directory):
         (Path(directory) / "model.safetensors").write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device",
                       str(Path(directory) / "model.safetensors"))
 
-    monkeypatch.setattr(prefloop.trainer, "export_model", export)
+    monkeypatch.setattr(prefloop.harness, "export_model", export)
     data = prefs(tmp_path, [GOOD, GOOD])
     before = {p.name: p.read_bytes() for p in Path(models["policy"]).iterdir()}
     fails(capsys, train(models, data, tmp_path / "out"), "No space left on device",

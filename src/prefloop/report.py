@@ -53,27 +53,12 @@ from typing import Any
 from prefloop.data import read_jsonl
 from prefloop.errors import PrefloopError, where
 from prefloop.io import atomic_path
+from prefloop.loop.metrics import METRICS
 from prefloop.loop.rundir import RunDir
 
 __all__ = ["RunData", "headline_summary", "judge_section", "load_run", "write_report"]
 
-METRIC_FIELDS = (
-    "mean_reward",
-    "mean_tokens",
-    "median_tokens",
-    "mean_chars",
-    "median_chars",
-    "win_rate",
-    "win_rate_se",
-    "lc_win_rate",
-    "kl",
-    "eos_rate",
-    "gold_accuracy",
-    "alpha",
-    "alpha_last",
-    "alpha_mean",
-    "length_target",
-)
+METRIC_FIELDS = tuple(m.key for m in METRICS if m.key != "iteration")
 # At most this many responses per iteration go into the reward-vs-length scatter.
 _MAX_SCATTER_POINTS = 3000
 
@@ -643,22 +628,7 @@ _GUIDE = (
     "percent; ± is one standard error over prompts."
 )
 
-_COLUMNS = (
-    ("iteration", "iteration", "{:d}"),
-    ("mean_reward", "mean reward", "{:.4g}"),
-    ("mean_tokens", "mean tokens", "{:.1f}"),
-    ("median_tokens", "median tokens", "{:.1f}"),
-    ("mean_chars", "mean chars", "{:.0f}"),
-    ("median_chars", "median chars", "{:.0f}"),
-    ("win_rate", "win rate %", "{:.1f}"),
-    ("lc_win_rate", "LC win rate %", "{:.1f}"),
-    ("kl", "KL (nats)", "{:.3g}"),
-    ("eos_rate", "EOS rate", "{:.2f}"),
-    ("gold_accuracy", "gold accuracy", "{:.3f}"),
-    ("length_target", "length target", "{:.1f}"),
-    ("alpha", "α first step (lr_dpo)", "{:.4g}"),
-    ("alpha_last", "α last step", "{:.4g}"),
-)
+_COLUMNS = tuple((m.key, m.label, m.fmt) for m in METRICS if m.label)
 
 
 def _warnings(run: RunData) -> list[str]:

@@ -3,6 +3,8 @@ and the table row the loop prints for it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 def evaluate_iteration(t: int, rows: list[dict], baseline: list[dict],
                        initial_logps: list[float] | None, lc_fit: str = "glm") -> dict:
@@ -50,12 +52,40 @@ def prompt_clustered_se(rows: list[dict], key: str) -> float | None:
     return float(means.std(ddof=1) / np.sqrt(len(means)))
 
 
-METRIC_COLUMNS = [
-    ("iteration", "iter", "{:d}"), ("mean_reward", "reward", "{:+.3f}"),
-    ("gold_accuracy", "gold", "{:.1%}"), ("mean_tokens", "tokens", "{:.1f}"),
-    ("mean_chars", "chars", "{:.0f}"), ("win_rate", "WR%", "rate"),
-    ("lc_win_rate", "LC%", "rate"), ("kl", "KL", "{:.2f}"), ("eos_rate", "EOS%", "{:.0%}"),
-]
+@dataclass(frozen=True)
+class Metric:
+    """One field of a metrics.jsonl row: how the loop's printed table and the report's
+    per-iteration table show it ("" = not a column there)."""
+
+    key: str
+    short: str = ""  # the loop's column header
+    short_fmt: str = ""  # its format; "rate" = evaluate.format_rate (never shows 0.0)
+    label: str = ""  # the report's column header
+    fmt: str = ""
+
+
+# Every numeric field of a metrics row, once: the report checks these are numbers (or null).
+METRICS = (
+    Metric("iteration", "iter", "{:d}", "iteration", "{:d}"),
+    Metric("mean_reward", "reward", "{:+.3f}", "mean reward", "{:.4g}"),
+    Metric("gold_accuracy", "gold", "{:.1%}", "gold accuracy", "{:.3f}"),
+    Metric("mean_tokens", "tokens", "{:.1f}", "mean tokens", "{:.1f}"),
+    Metric("median_tokens", label="median tokens", fmt="{:.1f}"),
+    Metric("mean_chars", "chars", "{:.0f}", "mean chars", "{:.0f}"),
+    Metric("median_chars", label="median chars", fmt="{:.0f}"),
+    Metric("win_rate", "WR%", "rate", "win rate %", "{:.1f}"),
+    Metric("win_rate_se"),
+    Metric("lc_win_rate", "LC%", "rate", "LC win rate %", "{:.1f}"),
+    Metric("kl", "KL", "{:.2f}", "KL (nats)", "{:.3g}"),
+    Metric("eos_rate", "EOS%", "{:.0%}", "EOS rate", "{:.2f}"),
+    Metric("length_target", label="length target", fmt="{:.1f}"),
+    Metric("alpha", label="α first step (lr_dpo)", fmt="{:.4g}"),
+    Metric("alpha_last", label="α last step", fmt="{:.4g}"),
+    Metric("alpha_mean"),
+    Metric("judge_win_rate", label="judge win rate %", fmt="{:.1f}"),
+    Metric("judge_lc_win_rate", label="judge LC win rate %", fmt="{:.1f}"),
+)
+METRIC_COLUMNS = [(m.key, m.short, m.short_fmt) for m in METRICS if m.short]
 
 
 def format_metrics_row(record: dict, header: bool = False) -> str:
