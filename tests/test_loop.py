@@ -459,3 +459,23 @@ def test_a_section_given_in_part_keeps_the_rest_of_its_own_default(tmp_path):
     assert (cfg.eval.sampling.num_samples, cfg.eval.sampling.temperature,
             cfg.eval.sampling.top_p) == (1, 0.0, 0.9)
     assert cfg.sampling.num_samples == 4  # the loop's own sampling keeps its defaults
+
+
+def test_a_run_recorded_before_an_option_existed_resumes_while_it_keeps_its_default(
+        world, tmp_path):
+    """config.yaml of a run started before `sampling.backend` and `alignment_tax` existed:
+    the same config resumes; giving the new option another value is a change, named."""
+    import yaml
+
+    from prefloop.loop import ConfigChanged
+
+    run_dir = tmp_path / "run"
+    cfg = _config(world, run_dir, "iterations=1", "loss.name=dpo")
+    run(cfg, progress=False)
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del recorded["sampling"]["backend"], recorded["alignment_tax"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert run(cfg, progress=False).stages_run == []
+    with pytest.raises(ConfigChanged, match=r"sampling\.backend: \(unset\) → vllm"):
+        run(_config(world, run_dir, "iterations=1", "loss.name=dpo", "sampling.backend=vllm"),
+            resume=True, progress=False)

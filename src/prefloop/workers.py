@@ -11,50 +11,8 @@ from typing import Any
 from prefloop import faults
 from prefloop.config import RewardConfig, SamplingConfig
 from prefloop.errors import BadScore, PrefloopError, where
+from prefloop.processes import Processes
 from prefloop.sampling import PromptRecord, Sampler
-
-
-class Processes:
-    """Rank, world size, gather and barrier; one process when not launched by accelerate."""
-
-    def __init__(self):
-        import os
-
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.state = None
-        if self.world > 1:
-            import torch
-            from accelerate import PartialState
-
-            self.state = PartialState(cpu=not torch.cuda.is_available())
-        self.rank = self.state.process_index if self.state else 0
-        self.is_main = self.rank == 0
-
-    @property
-    def device(self):
-        import torch
-
-        return self.state.device if self.state else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-
-    def gather(self, items: list) -> list:
-        if self.world == 1:
-            return items
-        from accelerate.utils import gather_object
-
-        return gather_object(items)
-
-    def barrier(self) -> None:
-        if self.state:
-            self.state.wait_for_everyone()
-
-    def broadcast(self, obj):
-        if self.world == 1:
-            return obj
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([obj])[0]
-
 
 # ---------------------------------------------------------------- releasing models
 

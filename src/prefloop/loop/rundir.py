@@ -292,7 +292,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def config_changes(run: RunDir, cfg: Any) -> tuple[list[str], int]:
     """What differs between the run directory's config.yaml and `cfg`, as "key: old → new"
     (keys that do not change what a stage computes left out), and the recorded number of
-    iterations."""
+    iterations. A key the recorded config lacks (an option added to prefloop after the run
+    started) is no change while it keeps its default: every option's default is the
+    behaviour from before the option existed."""
     import yaml
 
     from prefloop.config import to_dict
@@ -302,9 +304,11 @@ def config_changes(run: RunDir, cfg: Any) -> tuple[list[str], int]:
                             "directory is damaged (use a new run_dir)")
     recorded = _flatten(yaml.safe_load(run.config.read_text()) or {})
     current = _flatten(to_dict(cfg))
+    defaults = _flatten(to_dict(type(cfg)()))
     changes = [f"{k}: {recorded.get(k, '(unset)')} → {current.get(k, '(unset)')}"
                for k in sorted(set(recorded) | set(current))
-               if k not in WHERE_NOT_WHAT and recorded.get(k) != current.get(k)]
+               if k not in WHERE_NOT_WHAT and recorded.get(k) != current.get(k)
+               and not (k not in recorded and k in defaults and current[k] == defaults[k])]
     return changes, int(recorded.get("iterations", cfg.iterations))
 
 
