@@ -72,11 +72,11 @@ def test_vllm_backend_refuses_what_it_cannot_do():
             replace(vllm, **bad).validate()
 
 
-def test_new_sampling_fields_leave_older_configs_and_hashes_alone():
+def test_the_sampling_backend_is_recorded_and_hashed():
     from prefloop.config import config_hash, to_dict
     from prefloop.loop import RunConfig
 
-    assert "backend" not in to_dict(SamplingConfig())
+    assert to_dict(SamplingConfig())["backend"] == "hf"
     cfg = RunConfig(policy="p")
     before = config_hash(cfg)
     cfg.sampling.backend = "vllm"
