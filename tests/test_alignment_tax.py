@@ -214,6 +214,16 @@ def test_rerun_keeps_finished_models_and_redoes_on_overwrite_or_new_settings(
     (run / "iter_2" / "policy" / "model.safetensors").touch()  # retrained in place
     assert main([*argv, "--limit", "5"]) == 0
     assert calls == [str(run / "iter_2" / "policy")]
+    # an edited task file (the YAML here) is a new task: evaluated again, not kept
+    tasks = tmp_path / "tasks"
+    shutil.copytree(evaluated[1].include_path, tasks)
+    moved = [*argv[:4], "--include-path", str(tasks), "--device", "cpu", "-q", "--limit", "5"]
+    assert main(moved) == 0
+    calls.clear()
+    assert main(moved) == 0 and calls == []
+    yaml_file = tasks / f"{TASK}.yaml"
+    yaml_file.write_text(yaml_file.read_text() + "# edited\n")
+    assert main(moved) == 0 and len(calls) == 2
 
 
 def test_run_policies_finds_pi0_and_trained_iterations(evaluated, models):
@@ -350,34 +360,39 @@ def test_report_of_a_real_run_shows_the_tax_section(model_dir, task_dir, tmp_pat
 
 
 def test_the_loop_runs_the_step_on_chosen_iterations(model_dir, task_dir, tmp_path):
-    """`alignment_tax.tasks` in a run config: π₀ and the last policy evaluated as a stage of
-    the loop, their scores in metrics.jsonl, the stage skipped on a re-run."""
+    """`alignment_tax.tasks` in a run config: π₀ and the chosen policies evaluated as a
+    stage of the loop, their scores in metrics.jsonl, the summary holding every one of them,
+    the stage skipped on a re-run."""
     from prefloop.loop import load_run_config, plan, run
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl",
                           [{"prompt": f"What is {a} plus {a + 3}?\n"} for a in range(4)])
     args = [f"policy={model_dir('llama', 'nano')}", f"prompts.path={prompts}",
-            f"run_dir={tmp_path / 'run'}", "iterations=2", "reward.type=function",
+            f"run_dir={tmp_path / 'run'}", "iterations=3", "reward.type=function",
             "reward.function=tests.reward_functions:length_and_letters",
             "sampling.num_samples=2", "sampling.max_new_tokens=6", "training.batch_size=2",
             f"eval.prompts.path={prompts}", "eval.sampling.max_new_tokens=6",
             f"alignment_tax.tasks=[{TASK}]", f"alignment_tax.include_path={task_dir}",
-            "alignment_tax.batch_size=3", "alignment_tax.device=cpu"]
+            "alignment_tax.iterations=[1, 3]", "alignment_tax.batch_size=3",
+            "alignment_tax.device=cpu"]
     cfg = load_run_config(None, args)
-    assert dict(plan(cfg))["alignment tax"] == f"lm_eval {TASK} on π₀ and iteration 2"
+    assert dict(plan(cfg))["alignment tax"] == f"lm_eval {TASK} on π₀ and iterations 1, 3"
     result = run(cfg, progress=False)
     out = tmp_path / "run"
-    assert "iter_2/alignment_tax" in result.stages_run
-    assert "iter_1/alignment_tax" not in result.stages_run
+    assert [k for k in result.stages_run if k.endswith("alignment_tax")] == \
+        ["iter_1/alignment_tax", "iter_3/alignment_tax"]
     assert sorted(p.parent.name for p in out.glob("iter_*/alignment_tax.json")) == \
-        ["iter_0", "iter_2"]
+        ["iter_0", "iter_1", "iter_3"]
+    summary = json.loads((out / "alignment_tax_summary.json").read_text())
+    assert sorted(summary["files"]) == ["0", "1", "3"]  # every policy, not the last call's
+    assert {r["iteration"] for r in summary["rows"]} == {0, 1, 3}
     metrics = {m["iteration"]: m for m in json.loads(
         "[" + ",".join((out / "metrics.jsonl").read_text().split("\n")[:-1]) + "]")}
-    for t in (0, 2):
+    for t in (0, 1, 3):
         scores = json.loads((out / f"iter_{t}" / "alignment_tax.json").read_text())["scores"]
         assert metrics[t]["alignment_tax"] == {
             TASK: {m: v["value"] for m, v in scores[TASK].items()}}
-    assert "alignment_tax" not in metrics[1]
+    assert "alignment_tax" not in metrics[2]
     assert run(cfg, progress=False).stages_run == []
 
 

@@ -221,12 +221,26 @@ def model_identity(model: str) -> str:
     return f"dir:{h.hexdigest()[:16]}"
 
 
+def _contents_hash(directory: str) -> str:
+    """A hash of the user's task files (every file under `directory`, names and bytes): an
+    edited task or its data is evaluated again. The data files a YAML names elsewhere by an
+    absolute path are not followed."""
+    if not directory or not Path(directory).is_dir():
+        return ""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(directory)}\0".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def settings(cfg: TaxConfig, model: str) -> dict[str, Any]:
     """What a model's scores depend on (batch size and device only change rounding); a
     stored file with other settings is evaluated again."""
     s = {"model": model_identity(model), "tasks": list(cfg.tasks), "limit": cfg.limit,
          "num_fewshot": cfg.num_fewshot,
          "include_path": str(Path(cfg.include_path).resolve()) if cfg.include_path else "",
+         "include_files": _contents_hash(cfg.include_path),
          "model_args": dict(cfg.model_args), "trust_remote_code": cfg.trust_remote_code}
     return json.loads(json.dumps(s))  # as it reads back from the file
 
@@ -307,6 +321,7 @@ def evaluate_policies(
     *,
     overwrite: bool = False,
     echo: Callable[[str], None] = print,
+    redo_hint: str = "--overwrite to redo",
 ) -> dict[str, Any]:
     """Evaluate each {iteration: model} (0 = π₀, the baseline, required) with lm_eval, write
     OUT/iter_<t>/alignment_tax.json per model and OUT/alignment_tax_summary.json, and return
@@ -316,7 +331,9 @@ def evaluate_policies(
          "settings": {"tasks", "limit", "num_fewshot", "include_path"},
          "rows": tax_rows(...)}
 
-    A model whose file holds the same settings is read, not evaluated, unless `overwrite`.
+    A model whose file holds the same settings is read, not evaluated, unless `overwrite`
+    (`redo_hint` says how to force it). The summary covers every policy with a file of
+    these settings in `out_dir`, from this call or an earlier one.
     """
     cfg.validate()
     if 0 not in models:
@@ -326,31 +343,41 @@ def evaluate_policies(
 
     out = RunDir(out_dir)
     records: dict[int, dict[str, Any]] = {}
-    todo = {}
+    todo, notes = {}, []
     for t, model in sorted(models.items()):
         path = out.alignment_tax(t)
         stored = _read_record(path) if path.is_file() else None
         if stored is not None and not overwrite and stored.get("settings") == settings(cfg,
                                                                                         model):
-            echo(f"alignment tax: {path} has these settings, kept (--overwrite to redo)")
+            notes.append(f"alignment tax: {path} has these settings, kept ({redo_hint})")
             records[t] = stored
         else:
             if stored is not None and not overwrite:
-                echo(f"alignment tax: {path} was made with other settings, evaluating again")
+                notes.append(f"alignment tax: {path} was made with other settings, "
+                             "evaluating again")
             todo[t] = model
     if todo:  # every task name checked before the first model is loaded
         check_tasks(cfg.tasks, task_manager(cfg.include_path))
+    for note in notes:
+        echo(note)
     for t, model in todo.items():
         path = out.alignment_tax(t)
         echo(f"alignment tax: iteration {t}: {model} on {', '.join(cfg.tasks)}")
         record = {"iteration": t, **evaluate_model(cfg, model)}
         write_json(path, record)
         records[t] = record
+    # the summary covers every policy evaluated in this directory with these settings, not
+    # only this call's (the loop evaluates one iteration at a time)
+    same = settings(cfg, "")
+    for t, record in load_results(out.root).items():
+        kept = {k: v for k, v in record.get("settings", {}).items() if k != "model"}
+        if t not in records and kept == {k: v for k, v in same.items() if k != "model"}:
+            records[t] = record
     summary = {
         "baseline": 0,
-        "models": {str(t): m for t, m in sorted(models.items())},
+        "models": {str(t): r.get("model", models.get(t)) for t, r in sorted(records.items())},
         "files": {str(t): str(out.alignment_tax(t).relative_to(out.root))
-                  for t in sorted(models)},
+                  for t in sorted(records)},
         "settings": {k: v for k, v in settings(cfg, "").items()
                      if k in ("tasks", "limit", "num_fewshot", "include_path")},
         "rows": tax_rows(records),

@@ -413,6 +413,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise PrefloopError(f"{key}: expected a mapping, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
     if origin in (typing.Union, types.UnionType):
+        sections = [o for o in typing.get_args(tp) if dataclasses.is_dataclass(o)]
+        if isinstance(value, dict) and len(sections) == 1:
+            # an optional section given as a mapping: its own errors name the key
+            return from_dict(sections[0], value, prefix=key + ".")
         errors = []
         for option in typing.get_args(tp):
             try:

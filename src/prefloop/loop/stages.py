@@ -335,6 +335,13 @@ def llm_judge(ctx: Context, t: int, rows: list[dict], initial_rows: list[dict]) 
              f"({s['n']} of {s['n_prompts']} prompts)")
     for warning in result.warnings:
         ctx.echo(f"iter {t}: judge warning: {warning}")
+    if s["n_failed"]:
+        reason = next(r["reason"] for r in result.rows if r["status"] == "failed")
+        raise PrefloopError(
+            f"eval.judge: {s['n_failed']} of {s['n_prompts']} prompts of iteration {t} got no "
+            f"answer from {s['model']} ({reason}); the evaluate stage is not done. The answers "
+            f"so far are kept in {run.judge_cache}: `prefloop run {run.root} --resume` asks "
+            "only for the missing ones")
     return {"judge_model": s["model"], "judge_win_rate": s["win_rate"],
             "judge_win_rate_se": s["win_rate_se"], "judge_lc_win_rate": s["lc_win_rate"],
             "judge_lc_win_rate_se": s["lc_win_rate_se"], "judge_n": s["n"]}
@@ -382,9 +389,11 @@ def alignment_tax(ctx: Context, t: int) -> dict:
 
     cfg, run = ctx.cfg, ctx.run
     if ctx.procs.is_main:  # lm_eval runs as one process
-        summary = evaluate_policies(cfg.alignment_tax,
-                                    {0: run.policy_path(0), t: run.policy_path(t)}, run.root,
-                                    echo=ctx.echo)
+        # every taxed policy so far (those already scored are only read), so that the
+        # summary holds them all
+        models = {i: run.policy_path(i) for i in range(t + 1) if i == 0 or taxed(cfg, i)}
+        summary = evaluate_policies(cfg.alignment_tax, models, run.root, echo=ctx.echo,
+                                    redo_hint="delete the file to redo")
         run.write_metrics(cfg.iterations)
         mine = [r for r in summary["rows"] if r["iteration"] == t]
         for r in mine:
