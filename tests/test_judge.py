@@ -688,3 +688,48 @@ def test_the_loop_judges_each_policy_against_pi0_and_a_redo_pays_nothing(server,
     redone = json.loads((out / "iter_1" / "judge.json").read_text())
     assert redone["requests_sent"] == 0 and redone["prompt_tokens"] == 0
     assert redone["win_rate"] == summary["win_rate"]
+
+
+@needs_vllm
+def test_the_loop_stops_when_judge_requests_fail_and_resume_asks_only_for_those(
+        proxy, judge_model, tmp_path):
+    """Every request failing (a 500 from the proxy, no retries) used to leave the evaluate
+    stage done, so --resume retried nothing: now the stage stops the run, and a resume once
+    the server answers sends exactly the requests that got no answer."""
+    from prefloop.errors import PrefloopError
+    from prefloop.loop import load_run_config, run
+    from tests.conftest import write_jsonl
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                          [{"prompt": f"What is {a} plus {a + 3}?"} for a in range(4)])
+    out = tmp_path / "run"
+    cfg = load_run_config(None, [
+        f"policy={judge_model}", f"prompts.path={prompts}", f"run_dir={out}", "iterations=1",
+        "reward.type=function", "reward.function=tests.reward_functions:length_and_letters",
+        "sampling.num_samples=2", "sampling.max_new_tokens=6", "training.batch_size=2",
+        f"eval.prompts.path={prompts}", "eval.sampling.max_new_tokens=6",
+        "eval.judge.model=judge", f"eval.judge.base_url={proxy.base_url}",
+        f"eval.judge.top_logprobs={FULL_VOCAB}", "eval.judge.max_retries=0"])
+    proxy.status_for_all = 500
+    with pytest.raises(PrefloopError, match=r"4 of 4 prompts of iteration 1 got no answer.*"
+                                            r"--resume"):
+        run(cfg, progress=False)
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert "iter_1/evaluate" not in stages and stages["iter_1/train"]["status"] == "done"
+    proxy.status_for_all = None
+    result = run(cfg, resume=True, progress=False)
+    assert result.stages_run == ["iter_1/evaluate"]
+    summary = json.loads((out / "iter_1" / "judge.json").read_text())
+    assert summary["n"] == 4 and summary["requests_sent"] == 8 and summary["n_failed"] == 0
+
+
+def test_a_misspelt_key_of_an_optional_section_is_named():
+    """`eval.judge.modle=x` said only "does not match JudgeConfig | None"."""
+    from prefloop.loop import load_run_config
+
+    base = ["policy=p", "prompts.path=x.jsonl", "reward.model=r", "eval.prompts.path=e.jsonl"]
+    with pytest.raises(PrefloopError, match=r"^eval\.judge\.modle: unknown config key; did you "
+                                            r"mean eval\.judge\.model\?"):
+        load_run_config(None, [*base, "eval.judge.modle=x"])
+    with pytest.raises(PrefloopError, match=r"^eval\.judge\.labels: expected 2 values"):
+        load_run_config(None, [*base, "eval.judge.model=x", "eval.judge.labels=[A]"])
