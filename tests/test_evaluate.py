@@ -648,3 +648,38 @@ def test_prompt_numbers_by_id_or_row_number():
     with pytest.raises(PrefloopError, match=r"^r\.jsonl, row 1, field 'e': missing for prompt_id "
                                             "'q1'$"):
         prompt_numbers("e", ["q1"], [("r.jsonl", [{"prompt_id": "q1", "d": 0}])])
+
+
+def test_evaluate_files_limit_bad_values_and_unmatched_prompts(tmp_path, capsys):
+    """--limit cut only sampled prompts, not files (a paid judge judged everything); a
+    non-numeric score or a non-text response was a traceback; prompts without a partner
+    were dropped without a word."""
+    import json
+
+    from prefloop.cli import main
+    from tests.conftest import write_jsonl
+
+    def rows(n, offset=0.0):
+        return [{"prompt_id": f"p{i}", "prompt": f"q{i}", "response": "x" * (3 + i % 4),
+                 "score": float(i % 3) + offset} for i in range(n)]
+
+    a = write_jsonl(tmp_path / "a.jsonl", rows(8, 0.5))
+    b = write_jsonl(tmp_path / "b.jsonl", rows(6))
+    out = tmp_path / "per_prompt.jsonl"
+    assert main(["evaluate", a, b, "--limit", "3", "--judgements-out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(x)["prompt_id"] for x in out.read_text().splitlines()] == \
+        ["p0", "p1", "p2"]
+    assert main(["evaluate", a, b]) == 0
+    err = capsys.readouterr().err
+    assert f"2 of 8 prompts of {a} have no answer in {b}; compared on 6" in err
+    assert "warning" not in captured.err
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*rows(2), {**rows(3)[2], "score": "high"}])
+    assert main(["evaluate", bad, b]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"prefloop: error: {bad}, line 3, field 'score': expected a finite number, got "
+        "'high' (or pass --rescore)")
+    bad = write_jsonl(tmp_path / "bad2.jsonl", [{**rows(1)[0], "response": 5}])
+    assert main(["evaluate", bad, b]) == 2
+    assert "bad2.jsonl, line 1, field 'response': expected text, got 5" in \
+        capsys.readouterr().err

@@ -32,6 +32,23 @@ def require_fields(rows: list[dict], path: str, fields: tuple[str, ...]) -> None
                 raise PrefloopError(f"{where(path, i, f)}: missing")
 
 
+def check_response_values(rows: list[dict], path: str, scores: bool = True) -> None:
+    """A response row's `response` is text and its `score`, when it has one (and `scores`),
+    a finite number: one line naming the file, line and field otherwise."""
+    import math
+
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("response"), str):
+            raise PrefloopError(f"{where(path, i, 'response')}: expected text, got "
+                                f"{row.get('response')!r}")
+        value = row.get("score")
+        if scores and "score" in row and (isinstance(value, bool)
+                                          or not isinstance(value, int | float)
+                                          or not math.isfinite(value)):
+            raise PrefloopError(f"{where(path, i, 'score')}: expected a finite number, got "
+                                f"{value!r} (or pass --rescore)")
+
+
 def add_reward_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward-model", help="sequence-classification reward model")
     p.add_argument("--reward-function", help="a Python function, module:function")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prefloop.cli.common import add_reward_options, print_rows, require_fields, reward_config
+from prefloop.cli.common import (
+    add_reward_options,
+    check_response_values,
+    print_rows,
+    require_fields,
+    reward_config,
+)
 from prefloop.cli.stages import add_backend_options, backend_options
 from prefloop.errors import PrefloopError
 
@@ -109,7 +115,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.judge_model:
         return _cmd_judge(args)
     procs = Processes()
-    a, b = _responses(args.a, args, procs), _responses(args.b, args, procs)
+    a, b = _first_prompts(_responses(args.a, args, procs), args.limit), \
+        _responses(args.b, args, procs)
     variants = []  # the baseline prompted to be verbose / concise: responses files only
     for flag, path in (("--verbose-baseline", args.verbose_baseline),
                        ("--concise-baseline", args.concise_baseline)):
@@ -120,6 +127,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             variants.append((path, read_jsonl(path)))
     for rows, path in ((a, args.a), (b, args.b), *((r, p) for p, r in variants)):
         require_fields(rows, path, ("prompt_id", "prompt", "response"))
+        check_response_values(rows, path, scores=not args.rescore)
     for rows in (a, b, *(r for _, r in variants)):
         if args.rescore or any("score" not in r for r in rows):
             scores = score_rows(rows, reward_config(args), procs, args.trust_remote_code,
@@ -166,6 +174,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     ]
     print_rows(f"prefloop evaluate: {args.a} vs {args.b}", rows)
     _print_lc_warnings(lc.warnings)
+    for text in _unmatched_warnings(a, b, wr.n, (args.a, args.b), bool(args.limit)):
+        print(f"prefloop evaluate: warning: {text}", file=sys.stderr)
     if args.judgements_out or args.alpaca_eval_dir:
         from prefloop.io import write_jsonl
         from prefloop.judge import reward_judgements, write_alpaca_eval_files
@@ -203,6 +213,7 @@ def _judge_responses(source: str, args: argparse.Namespace, procs) -> list[dict]
         return load_alpaca_eval_outputs(source)
     rows = _responses(source, args, procs)
     require_fields(rows, source, ("prompt", "response"))
+    check_response_values(rows, source, scores=False)
     return rows
 
 
@@ -229,7 +240,8 @@ def _cmd_judge(args: argparse.Namespace) -> int:
                                 "the reward, and its LC fit has no difficulty or prompted "
                                 "baselines)")
     procs = Processes()
-    a, b = _judge_responses(args.a, args, procs), _judge_responses(args.b, args, procs)
+    a = _first_prompts(_judge_responses(args.a, args, procs), args.limit)
+    b = _judge_responses(args.b, args, procs)
     if not procs.is_main:
         return 0
     result = judge_pairs(cfg, a, b, args.judge_cache, progress=not args.quiet,
@@ -263,6 +275,41 @@ def _print_lc_warnings(warnings: tuple[str, ...]) -> None:
     """One stderr line per reason to distrust the LC win rate (see evaluate.lc_warnings)."""
     for text in warnings:
         print(f"prefloop evaluate: warning: length-controlled win rate: {text}", file=sys.stderr)
+
+
+def _first_prompts(rows: list[dict], limit: int) -> list[dict]:
+    """The rows of the first `limit` prompts (by prompt_id, else by prompt text); all when 0.
+    A model's samples are already limited (--limit cuts --prompts); this cuts a file."""
+    if not limit:
+        return rows
+    kept: set = set()
+    out = []
+    for row in rows:
+        key = row.get("prompt_id", str(row.get("prompt")))
+        if key not in kept and len(kept) == limit:
+            continue
+        kept.add(key)
+        out.append(row)
+    return out
+
+
+def _unmatched_warnings(a: list[dict], b: list[dict], compared: int, names: tuple[str, str],
+                        limited: bool = False) -> list[str]:
+    """Why fewer prompts were compared than A or B hold: prompts without a partner (B's
+    not counted under --limit, which cuts A), and prompts with several rows (the first of
+    each is compared)."""
+    notes = []
+    for rows, name, other in ((a, names[0], b), *(() if limited else ((b, names[1], a),))):
+        ids = [r.get("prompt_id") for r in rows]
+        distinct = len(set(ids))
+        if distinct > compared:
+            notes.append(f"{distinct - compared} of {distinct} prompts of {name} have no "
+                         f"answer in {names[1] if other is b else names[0]}; compared on "
+                         f"{compared}")
+        if distinct < len(ids):
+            notes.append(f"{name} has {len(ids) - distinct} rows beyond the first of their "
+                         "prompt_id; only the first of each is compared")
+    return notes
 
 
 def _responses(source: str, args: argparse.Namespace, procs) -> list[dict]:
