@@ -733,3 +733,18 @@ def test_a_misspelt_key_of_an_optional_section_is_named():
         load_run_config(None, [*base, "eval.judge.modle=x"])
     with pytest.raises(PrefloopError, match=r"^eval\.judge\.labels: expected 2 values"):
         load_run_config(None, [*base, "eval.judge.model=x", "eval.judge.labels=[A]"])
+
+
+@needs_vllm
+def test_identical_answers_are_a_tie_without_asking_the_judge(server):
+    """alpaca_eval scores two identical outputs ½ without a request; prefloop asked the
+    judge, whose position bias then counted them as wins or losses."""
+    a, b = _rows(6)
+    for i in (1, 4):
+        b[i] = {**b[i], "response": a[i]["response"], "num_chars": a[i]["num_chars"]}
+    result = judge_pairs(_cfg(server), a, b)
+    tied = [r for r in result.rows if r["prompt_id"] in ("p1", "p4")]
+    assert [(r["preference"], r["method"], r["status"]) for r in tied] == \
+        [(0.5, "identical", "ok")] * 2
+    assert result.summary["requests"] == result.summary["requests_sent"] == 2 * 4
+    assert result.summary["methods"]["identical"] == 2

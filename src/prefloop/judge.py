@@ -478,7 +478,8 @@ def _summarise(cfg: JudgeConfig, rows: list[dict], calls: dict[str, int],
         "template": TEMPLATE_VERSION, "order": cfg.order, "labels": list(cfg.labels),
         "n_prompts": len(rows), "n": counts["ok"], "n_unparseable": counts["unparseable"],
         "n_failed": counts["failed"],
-        "methods": {m: sum(r["method"] == m for r in ok) for m in ("logprobs", "text", "mixed")},
+        "methods": {m: sum(r["method"] == m for r in ok)
+                    for m in ("logprobs", "text", "mixed", "identical")},
         "win_rate": None, "win_rate_se": None, "discrete_win_rate": None,
         "discrete_win_rate_se": None, "lc_win_rate": None, "lc_win_rate_se": None,
         "lc_fit": cfg.lc_fit, "lc_warnings": [],
@@ -510,6 +511,13 @@ def _summarise(cfg: JudgeConfig, rows: list[dict], calls: dict[str, int],
                      "and are left out of the rates; re-run with the same cache to retry them")
     summary["warnings"] = list(notes)
     return summary
+
+
+def _identical_record(order: str) -> dict:
+    """Two identical answers: preference ½ without a request (alpaca_eval does the same)."""
+    return {"order": order, "status": "ok", "reason": None, "preference": 0.5,
+            "p_second": 0.5, "method": "identical", "text": None, "cached": False,
+            "attempts": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
 
 def _call_record(order: str, answer: dict | None, reason: str | None, cached: bool,
@@ -606,10 +614,15 @@ def judge_pairs(
     if cache.skipped:
         notes.append(f"{cache.skipped} malformed cache line(s) skipped")
     jobs = []  # (pair index, order, messages, key)
+    results: dict[tuple[int, str], dict] = {}
     for k, (i, j) in enumerate(pairs):
         a, b = rows_a[i], rows_b[j]
         pid = str(a.get("prompt_id", i))
         text = instruction_text(a["prompt"])
+        if _text(a) == _text(b):  # a tie, as alpaca_eval scores it: no judge asked
+            for order in _orders(cfg, pid):
+                results[(k, order)] = _identical_record(order)
+            continue
         for order in _orders(cfg, pid):
             first, second = ((_text(a), _text(b))
                              if order == POLICY_FIRST else
@@ -617,7 +630,7 @@ def judge_pairs(
             messages = judge_messages(text, first, second, cfg.labels)
             jobs.append((k, pid, order, messages, _cache_key(cfg, messages, order)))
 
-    results: dict[tuple[int, str], dict] = {}
+    n_identical = len(results)
     todo = []
     for k, pid, order, messages, key in jobs:
         hit = cache.get(key)
@@ -625,7 +638,7 @@ def judge_pairs(
             results[(k, order)] = _call_record(order, hit, None, True, 0, cfg.labels)
         else:
             todo.append((k, pid, order, messages, key))
-    n_cached = len(results)
+    n_cached = len(results) - n_identical
 
     bar = None
     if progress is True:
