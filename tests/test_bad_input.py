@@ -556,3 +556,20 @@ def test_jsonl_errors_count_file_lines_from_one(tmp_path, capsys):
     path.write_text('{"prompt": "q", "response": "a"}\n{"prompt": "q" "response": "b"}\n')
     fails(capsys, score(path, out, "tests.reward_functions:constant"),
           f"{path}, line 2: not valid JSON", "at character 16", out=out)
+
+
+def test_json_errors_point_at_the_line_not_past_its_end(tmp_path):
+    """A cut line was reported at "character 1" (of the newline, as line 2 of the text), a
+    control character as "… at at character 14"."""
+    from prefloop.data import read_jsonl
+    from prefloop.errors import PrefloopError
+
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(PrefloopError, match=r"cut\.jsonl, line 2: not valid JSON \(Expecting "
+                                            r"value at character 7\)$"):
+        read_jsonl(cut)
+    control = tmp_path / "control.jsonl"
+    control.write_text('{"prompt": "q\x01x"}\n')
+    with pytest.raises(PrefloopError, match=r"\(Invalid control character at character 14\)$"):
+        read_jsonl(control)

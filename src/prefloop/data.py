@@ -37,10 +37,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line.rstrip("\r\n"))  # a position past the end: the end
                 except json.JSONDecodeError as e:
+                    what = e.msg.removesuffix(": ").removesuffix(" at")  # "…character at"
                     raise PrefloopError(
-                        f"{path}, line {lineno}: not valid JSON ({e.msg} at character {e.colno})"
+                        f"{path}, line {lineno}: not valid JSON ({what} at character {e.colno})"
                     ) from None
                 if not isinstance(row, dict):
                     raise PrefloopError(
