@@ -408,3 +408,20 @@ def test_run_config_refuses_tax_options_that_do_not_apply(extra, message):
     with pytest.raises(PrefloopError, match=message):
         load_run_config(None, ["policy=p", "prompts.path=x.jsonl", "iterations=3",
                                "reward.model=rm", *extra]).validate()
+
+
+def test_an_unknown_task_fails_the_dry_run_and_the_run_before_any_stage(model_dir, task_dir,
+                                                                         tmp_path):
+    from prefloop.errors import PrefloopError
+    from prefloop.loop import load_run_config, plan, run
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 1 plus 2?\n"}] * 2)
+    cfg = load_run_config(None, [
+        f"policy={model_dir('llama', 'nano')}", f"prompts.path={prompts}",
+        f"run_dir={tmp_path / 'run'}", "iterations=1", "reward.type=function",
+        "reward.function=tests.reward_functions:length_and_letters",
+        f"alignment_tax.tasks=[{TASK}x]", f"alignment_tax.include_path={task_dir}"])
+    for attempt in (plan, lambda c: run(c, progress=False)):
+        with pytest.raises(PrefloopError, match=rf"{TASK}x.*{TASK}"):
+            attempt(cfg)
+    assert not (tmp_path / "run").exists()

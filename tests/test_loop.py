@@ -479,3 +479,42 @@ def test_a_run_recorded_before_an_option_existed_resumes_while_it_keeps_its_defa
     with pytest.raises(ConfigChanged, match=r"sampling\.backend: \(unset\) → vllm"):
         run(_config(world, run_dir, "iterations=1", "loss.name=dpo", "sampling.backend=vllm"),
             resume=True, progress=False)
+
+
+def test_dry_run_refuses_what_the_run_would_refuse(world, tmp_path):
+    """These passed --dry-run and failed only once the run had written its directory (the
+    corrected re-run then refused as a changed config): a missing eval.judge_baseline, a
+    policy directory without a tokenizer, a non-empty directory without a run, and a
+    finished run given another config."""
+    import shutil
+
+    from prefloop.loop import ConfigChanged, plan
+
+    run_dir = tmp_path / "run"
+    missing = _config(world, run_dir, "eval.judge.model=j", "eval.judge_baseline=/nope.json")
+    for attempt in (plan, lambda c: run(c, progress=False)):
+        with pytest.raises(PrefloopError, match=r"eval\.judge_baseline: /nope\.json: file not "
+                                                r"found"):
+            attempt(missing)
+    assert not run_dir.exists()
+    bare = tmp_path / "bare"
+    shutil.copytree(world / "policy", bare)
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(PrefloopError, match="tokenizer"):
+        plan(_config(world, run_dir, f"policy={bare}"))
+    assert not run_dir.exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(PrefloopError, match="holds no prefloop run"):
+        plan(_config(world, tmp_path / "full"))
+    assert dict(plan(_config(world, tmp_path / "full"), overwrite=True))["run directory"] \
+        .endswith("(new)")
+    cfg = _config(world, run_dir, "iterations=1", "loss.name=dpo")
+    run(cfg, progress=False)
+    assert dict(plan(cfg))["run directory"] == f"{run_dir} (finished: nothing to do)"
+    with pytest.raises(ConfigChanged, match=r"training\.lr: 0\.001 → 0\.01"):
+        plan(_config(world, run_dir, "iterations=1", "loss.name=dpo", "training.lr=1e-2"))
+    assert dict(plan(_config(world, run_dir, "iterations=1", "loss.name=dpo",
+                             "training.lr=1e-2"), redo_from="iter_1/train"))["run directory"] \
+        .endswith("(redone from the given stage)")

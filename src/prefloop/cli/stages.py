@@ -149,7 +149,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg.validate()
     if args.dry_run:
         print(dump_yaml(cfg), end="")
-        print_rows("prefloop run --dry-run", plan(cfg))
+        print_rows("prefloop run --dry-run",
+                   plan(cfg, args.resume, args.redo_from, args.overwrite))
         return 0
     try:
         result = run(cfg, args.resume, args.redo_from, progress=not args.quiet,

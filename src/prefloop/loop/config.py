@@ -196,3 +196,19 @@ def check_functions(cfg: RunConfig) -> None:
             import_function(reward.function, f"{key}.function")
     if cfg.eval.gold:
         import_function(cfg.eval.gold, "eval.gold")
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """What the stages will read, checked before any is run (and by --dry-run): the judge's
+    reference answers, the alignment-tax task names, and a local policy's tokenizer."""
+    from prefloop.models import load_tokenizer
+
+    path = cfg.eval.judge_baseline
+    if path and not Path(path).is_file():
+        raise PrefloopError(f"eval.judge_baseline: {path}: file not found")
+    if cfg.alignment_tax.tasks:
+        from prefloop.alignment_tax import check_tasks, task_manager
+
+        check_tasks(cfg.alignment_tax.tasks, task_manager(cfg.alignment_tax.include_path))
+    if Path(cfg.policy).expanduser().is_dir():
+        load_tokenizer(cfg.policy, cfg.trust_remote_code)  # one line when it has none

@@ -18,7 +18,7 @@ from pathlib import Path
 from prefloop import faults
 from prefloop.data import load_rows
 from prefloop.loop import stages
-from prefloop.loop.config import RunConfig, check_functions
+from prefloop.loop.config import RunConfig, check_functions, check_inputs
 from prefloop.loop.context import Context
 from prefloop.loop.rundir import Manifest, RunDir, config_changes, open_run, stage_key
 from prefloop.methods import method
@@ -43,6 +43,7 @@ def drive(ctx: Context, resume: bool = False, redo_from: str | None = None,
         ctx.echo(f"{run.root}: run already complete; nothing to do")
         return RunResult(run.root, run.read_metrics(), [],
                          Manifest.load(run.manifest).completed(), ctx.procs.is_main)
+    check_inputs(cfg)
     prompt_rows = load_rows(cfg.prompts.path, cfg.prompts.split)  # read once, for both
     prompts = load_prompts(cfg.prompts, rows=prompt_rows)
     iteration_prompts(prompts, cfg.prompts, cfg.iterations, cfg.iterations)  # enough?

@@ -6,14 +6,17 @@ from pathlib import Path
 
 from prefloop.config import RewardConfig
 from prefloop.errors import PrefloopError
-from prefloop.loop.config import RunConfig, check_functions
-from prefloop.loop.rundir import STAGES
+from prefloop.loop.config import RunConfig, check_functions, check_inputs
+from prefloop.loop.rundir import STAGES, RunDir, check_open
 from prefloop.methods import method
 from prefloop.prompts import iteration_prompts, load_prompts
 
 
-def plan(cfg: RunConfig) -> list[tuple[str, str]]:
-    """What `prefloop run` would do, checked without loading or downloading any model."""
+def plan(cfg: RunConfig, resume: bool = False, redo_from: str | None = None,
+         overwrite: bool = False) -> list[tuple[str, str]]:
+    """What `prefloop run` would do, checked without loading or downloading any model: what
+    the run would refuse (the config, its files and functions, the run directory's state
+    for these flags) is refused here."""
     cfg.validate()
     check_functions(cfg)
     eval_reward = cfg.eval.reward or cfg.reward
@@ -32,6 +35,8 @@ def plan(cfg: RunConfig) -> list[tuple[str, str]]:
         # the first iterations have run
         prompts = load_prompts(cfg.prompts)
         iteration_prompts(prompts, cfg.prompts, cfg.iterations, cfg.iterations)
+    check_inputs(cfg)
+    what = check_open(RunDir(cfg.directory, cfg.policy), cfg, resume, redo_from, overwrite)
     m = method(cfg.pairing.strategy)
     mode = cfg.loss.alpha_mode
     params = ", ".join([f"{k}={v}" for k, v in cfg.loss.params.items()]
@@ -41,7 +46,7 @@ def plan(cfg: RunConfig) -> list[tuple[str, str]]:
              if m.reference_samples else "")
     stages = [s for s in STAGES if (s != "score" or m.scored) and s != "alignment_tax"]
     return [
-        ("run directory", str(cfg.directory)),
+        ("run directory", f"{cfg.directory} ({OPENING[what]})"),
         ("policy π₀", cfg.policy),
         ("method", m.name),
         ("reward", _describe_reward(cfg.reward)),
@@ -56,8 +61,21 @@ def plan(cfg: RunConfig) -> list[tuple[str, str]]:
         ("eval prompts", cfg.eval.prompts.path or "none"),
         ("eval reward", _describe_reward(eval_reward) if cfg.eval.prompts.path else "none"),
         ("stages", " → ".join(stages) + f" × {cfg.iterations}"),
+        ("LLM judge", _describe_judge(cfg)),
         ("alignment tax", _describe_tax(cfg)),
     ]
+
+
+OPENING = {"start": "new", "continue": "resumed", "complete": "finished: nothing to do",
+           "extend": "extended", "redo": "redone from the given stage"}
+
+
+def _describe_judge(cfg: RunConfig) -> str:
+    judge = cfg.eval.judge
+    if judge is None:
+        return "none (eval.judge)"
+    against = cfg.eval.judge_baseline or "π₀'s eval answers"
+    return f"{judge.model} at {judge.resolved_base_url() or 'api.openai.com'}, against {against}"
 
 
 def _describe_tax(cfg: RunConfig) -> str:

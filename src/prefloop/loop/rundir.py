@@ -312,30 +312,60 @@ def config_changes(run: RunDir, cfg: Any) -> tuple[list[str], int]:
     return changes, int(recorded.get("iterations", cfg.iterations))
 
 
-def open_run(run: RunDir, cfg: Any, procs: Any, resume: bool, redo_from: str | None,
-             overwrite: bool, echo: Callable[[str], None]) -> Manifest:
-    """The run's manifest, after the rules: a new directory is started (refused when it holds
-    other files, unless `overwrite`); an existing run continues only with the same config
-    (`resume`, or a finished one re-read), is extended (more `iterations`), or is redone
-    from a stage (`redo_from`, which may change the config). Every process checks alike; the
-    main one writes."""
-    from prefloop.config import config_hash, dump_yaml
-
-    digest = config_hash(cfg)
-    manifest = Manifest.load(run.manifest)
+def check_open(run: RunDir, cfg: Any, resume: bool, redo_from: str | None,
+               overwrite: bool) -> str:
+    """What opening `run` for `cfg` would do — "start", "continue", "complete", "extend" or
+    "redo" — or the error it would refuse with; reads only, writes nothing (so `--dry-run`
+    refuses what the run would refuse)."""
     if redo_from:
         it, _ = stage_order(redo_from)
         if it > cfg.iterations:
             raise PrefloopError(f"--redo-from: {redo_from} is past the run's last iteration "
                                 f"({cfg.iterations}); nothing would be redone")
+    manifest = Manifest.load(run.manifest)
     if manifest is None:
-        # every process refuses alike (a raise on the main one alone would leave the
-        # others waiting at the barrier)
         if run.root.is_dir() and any(run.root.iterdir()) and not overwrite:
             raise PrefloopError(
                 f"{run.root}: exists, is not empty and holds no prefloop run "
                 "(no manifest.json); choose another run_dir, or pass --overwrite to "
                 "write the run among its files")
+        return "start"
+    changes, recorded_iterations = config_changes(run, cfg)
+    if changes and not redo_from:
+        raise ConfigChanged(
+            f"{run.root}: the config differs from the one this run was started with ("
+            + "; ".join(changes) + "); use a new run_dir, or pass --redo-from ITER/STAGE "
+            "(e.g. iter_2/train) to redo from that stage")
+    if cfg.iterations < recorded_iterations and not redo_from:
+        raise ConfigChanged(
+            f"iterations: this run has {recorded_iterations}; a run can be extended "
+            f"(iterations={recorded_iterations + 1} --resume), not shortened")
+    extend = cfg.iterations > recorded_iterations
+    if not (resume or manifest.finished or redo_from or extend):
+        raise PrefloopError(
+            f"{run.root}: an unfinished run is already here; pass --resume to continue it"
+        )
+    if redo_from:
+        return "redo"
+    if extend:
+        return "extend"
+    return "complete" if manifest.finished else "continue"
+
+
+def open_run(run: RunDir, cfg: Any, procs: Any, resume: bool, redo_from: str | None,
+             overwrite: bool, echo: Callable[[str], None]) -> Manifest:
+    """The run's manifest, after the rules (`check_open`): a new directory is started
+    (refused when it holds other files, unless `overwrite`); an existing run continues only
+    with the same config (`resume`, or a finished one re-read), is extended (more
+    `iterations`), or is redone from a stage (`redo_from`, which may change the config).
+    Every process checks alike; the main one writes."""
+    from prefloop.config import config_hash, dump_yaml
+
+    digest = config_hash(cfg)
+    # every process refuses alike (a raise on the main one alone would leave the others
+    # waiting at the barrier)
+    what = check_open(run, cfg, resume, redo_from, overwrite)
+    if what == "start":
         procs.barrier()  # every process has looked before the main one writes
         if procs.is_main:
             try:
@@ -350,27 +380,14 @@ def open_run(run: RunDir, cfg: Any, procs: Any, resume: bool, redo_from: str | N
             }).save()
         procs.barrier()
         return Manifest.load(run.manifest)
-    changes, recorded_iterations = config_changes(run, cfg)
-    extend = cfg.iterations > recorded_iterations
-    if changes and not redo_from:
-        raise ConfigChanged(
-            f"{run.root}: the config differs from the one this run was started with ("
-            + "; ".join(changes) + "); use a new run_dir, or pass --redo-from ITER/STAGE "
-            "(e.g. iter_2/train) to redo from that stage")
-    if cfg.iterations < recorded_iterations and not redo_from:
-        raise ConfigChanged(
-            f"iterations: this run has {recorded_iterations}; a run can be extended "
-            f"(iterations={recorded_iterations + 1} --resume), not shortened")
-    if not (resume or manifest.finished or redo_from or extend):
-        raise PrefloopError(
-            f"{run.root}: an unfinished run is already here; pass --resume to continue it"
-        )
+    manifest = Manifest.load(run.manifest)
     procs.barrier()
-    if procs.is_main and (redo_from or extend):
-        if redo_from:
+    if procs.is_main and what in ("redo", "extend"):
+        if what == "redo":
             dropped = manifest.forget_from(redo_from)
             echo(f"redoing {len(dropped)} stage(s) from {redo_from}")
         else:
+            _, recorded_iterations = config_changes(run, cfg)
             echo(f"extending the run from {recorded_iterations} to {cfg.iterations} "
                  "iterations")
         manifest.data.pop("finished", None)
