@@ -659,14 +659,18 @@ def test_the_loop_judges_each_policy_against_pi0_and_a_redo_pays_nothing(server,
             "iterations=1", "reward.type=function",
             "reward.function=tests.reward_functions:length_and_letters",
             "sampling.num_samples=2", "sampling.max_new_tokens=6", "training.batch_size=2",
-            f"eval.prompts.path={prompts}", "eval.sampling.max_new_tokens=6",
-            "eval.judge.model=judge", f"eval.judge.base_url={server}",
-            f"eval.judge.top_logprobs={FULL_VOCAB}", "eval.judge.concurrency=4"]
+            "training.lr=5e-2", f"eval.prompts.path={prompts}",
+            "eval.sampling.max_new_tokens=6", "eval.judge.model=judge",
+            f"eval.judge.base_url={server}", f"eval.judge.top_logprobs={FULL_VOCAB}",
+            "eval.judge.concurrency=4"]
     cfg = load_run_config(None, args)
     run(cfg, progress=False)
     summary = json.loads((out / "iter_1" / "judge.json").read_text())
     rows = read_jsonl(out / "iter_1" / "judgements.jsonl")
-    assert len(rows) == 6 and summary["n_prompts"] == 6 and summary["requests_sent"] == 12
+    differ = sum(r["output_policy"] != r["output_baseline"] for r in rows)
+    assert differ >= 3  # π₁ answers otherwise than π₀ (identical answers are ties, unasked)
+    assert len(rows) == 6 and summary["n_prompts"] == 6 and \
+        summary["requests_sent"] == 2 * differ
     assert not (out / "iter_0" / "judge.json").exists()  # π₀ against itself: nothing to ask
     policy = {r["prompt_id"]: r["response"] for r in read_jsonl(out / "iter_1" /
                                                                  "eval_samples.jsonl")}
@@ -696,12 +700,17 @@ def test_the_loop_stops_when_judge_requests_fail_and_resume_asks_only_for_those(
     """Every request failing (a 500 from the proxy, no retries) used to leave the evaluate
     stage done, so --resume retried nothing: now the stage stops the run, and a resume once
     the server answers sends exactly the requests that got no answer."""
+    from prefloop.data import read_jsonl
     from prefloop.errors import PrefloopError
     from prefloop.loop import load_run_config, run
     from tests.conftest import write_jsonl
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl",
                           [{"prompt": f"What is {a} plus {a + 3}?"} for a in range(4)])
+    # reference answers of another model (a responses file), never equal to the policy's
+    reference = write_jsonl(tmp_path / "reference.jsonl", [
+        {"prompt_id": str(a), "prompt": f"What is {a} plus {a + 3}?",
+         "response": f"It is {2 * a + 3}.", "generator": "reference"} for a in range(4)])
     out = tmp_path / "run"
     cfg = load_run_config(None, [
         f"policy={judge_model}", f"prompts.path={prompts}", f"run_dir={out}", "iterations=1",
@@ -709,18 +718,24 @@ def test_the_loop_stops_when_judge_requests_fail_and_resume_asks_only_for_those(
         "sampling.num_samples=2", "sampling.max_new_tokens=6", "training.batch_size=2",
         f"eval.prompts.path={prompts}", "eval.sampling.max_new_tokens=6",
         "eval.judge.model=judge", f"eval.judge.base_url={proxy.base_url}",
-        f"eval.judge.top_logprobs={FULL_VOCAB}", "eval.judge.max_retries=0"])
+        f"eval.judge.top_logprobs={FULL_VOCAB}", "eval.judge.max_retries=0",
+        f"eval.judge_baseline={reference}"])
     proxy.status_for_all = 500
-    with pytest.raises(PrefloopError, match=r"4 of 4 prompts of iteration 1 got no answer.*"
+    # against a reference file, π₀ is judged too: its evaluate stage is the first to fail
+    with pytest.raises(PrefloopError, match=r"4 of 4 prompts of iteration 0 got no answer.*"
                                             r"--resume"):
         run(cfg, progress=False)
-    stages = json.loads((out / "manifest.json").read_text())["stages"]
-    assert "iter_1/evaluate" not in stages and stages["iter_1/train"]["status"] == "done"
+    assert json.loads((out / "manifest.json").read_text())["stages"] == {}
     proxy.status_for_all = None
     result = run(cfg, resume=True, progress=False)
-    assert result.stages_run == ["iter_1/evaluate"]
-    summary = json.loads((out / "iter_1" / "judge.json").read_text())
-    assert summary["n"] == 4 and summary["requests_sent"] == 8 and summary["n_failed"] == 0
+    assert result.stages_run[0] == "iter_0/evaluate" and "iter_1/evaluate" in result.stages_run
+    for t in (0, 1):  # π₁'s answers that equal π₀'s are read from the run's cache
+        summary = json.loads((out / f"iter_{t}" / "judge.json").read_text())
+        assert summary["n"] == 4 and summary["n_failed"] == 0
+        assert summary["requests_sent"] + summary["requests_cached"] == 8
+    assert json.loads((out / "iter_0" / "judge.json").read_text())["requests_sent"] == 8
+    assert read_jsonl(out / "iter_1" / "judgements.jsonl")[0]["generator_baseline"] == \
+        "reference"
 
 
 def test_a_misspelt_key_of_an_optional_section_is_named():
