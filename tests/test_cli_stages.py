@@ -336,3 +336,31 @@ def test_config_resolves_every_kind_and_suggests_a_misspelt_key(capsys):
         assert yaml.safe_load(out)  # valid YAML with every key
     assert main(["config", str(root / "recipes" / "ilr-dpo.yaml"), "trainng.lr=1e-6"]) == 2
     assert "trainng: unknown config key; did you mean training?" in capsys.readouterr().err
+
+
+def test_sample_chat_sends_plain_prompts_through_the_chat_template(files, tmp_path):
+    """An AlpacaEval instruction is a plain string: without --chat an instruction-tuned
+    policy saw it raw (the README's recipe understated it)."""
+    from prefloop.data import encode_prompts, read_jsonl
+    from prefloop.models import load_tokenizer
+    from tests.conftest import write_jsonl
+
+    tokenizer = load_tokenizer(str(files / "policy"))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 plus 3?"},
+                                                 {"prompt": "Name a colour."}])
+    out = {}
+    for flag in ((), ("--chat",)):
+        path = tmp_path / f"s{len(flag)}.jsonl"
+        assert main(["sample", "--model", str(files / "policy"), "--prompts",
+                     prompts, "--limit", "2", "-n", "1",
+                     "--max-new-tokens", "2", "--out", str(path), "-q", *flag]) == 0
+        out[bool(flag)] = read_jsonl(path)
+    for plain, chat in zip(out[False], out[True], strict=True):
+        text = plain["prompt"]
+        assert chat["prompt"] == [{"role": "user", "content": text}]
+        assert chat["prompt_ids"] != plain["prompt_ids"]
+        # the template with its generation prompt, as training encodes a chat prompt
+        assert chat["prompt_ids"] == encode_prompts(tokenizer, [chat["prompt"]])[0]
+        template = tokenizer.apply_chat_template(chat["prompt"], add_generation_prompt=True,
+                                                 tokenize=False)
+        assert template != text and text in template

@@ -22,6 +22,9 @@ class PromptsConfig:
     shuffle_seed: int = 0
     limit: int = 0  # use at most this many prompts (0 = all)
     target_column: str = ""  # SPIN: the SFT answer of each prompt (e.g. completion)
+    # a plain-text prompt becomes one user message, so the model's chat template applies
+    # (an instruction-tuned policy sampled on raw text answers as a base model would)
+    chat: bool = False
 
 
 def load_prompts(cfg: PromptsConfig, key: str = "prompts",
@@ -43,6 +46,8 @@ def load_prompts(cfg: PromptsConfig, key: str = "prompts",
         if not ok:
             raise PrefloopError(f"{where(cfg.path, i, cfg.column)}: expected a non-empty string "
                                 "or a list of chat messages")
+        if cfg.chat and isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
         pid = _prompt_id(cfg, row, i)
         if pid in seen:
             raise PrefloopError(f"{where(cfg.path, i, cfg.id_column)}: duplicate prompt id {pid!r}")

@@ -23,11 +23,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("b", help="baseline B on the same prompts: a .jsonl or a model")
     add_reward_options(ev)
     ev.add_argument("--prompts", help="prompts to sample from when A or B is a model")
-    ev.add_argument("--prompt-column", default="prompt")
+    ev.add_argument("--prompt-column", default="prompt",
+                    help="the --prompts column: a string or chat messages")
+    ev.add_argument("--chat", action="store_true",
+                    help="send a plain-text prompt as one user message, through the model's "
+                    "chat template (for an instruction-tuned model)")
     ev.add_argument("--limit", type=int, default=0, help="use the first N prompts")
     ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ev.add_argument("--max-new-tokens", type=int, default=256)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-new-tokens", type=int, default=256,
+                    help="longest answer sampled from a model")
+    ev.add_argument("--seed", type=int, default=0,
+                    help="sampling seed; with --judge-order random, the order's seed")
     ev.add_argument("--rescore", action="store_true", help="score even rows that have a score")
     ev.add_argument("--lc-fit", default="glm", choices=("glm", "alpacaeval"),
                     help="glm: maximum likelihood; alpacaeval: AlpacaEval's L1 fit with C by CV")
@@ -43,9 +49,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--regularize-lambda", type=float, default=0.2, metavar="λ",
                     help="total weight per row of the verbose/concise rows, shared among the "
                     "files given (default 0.2, AlpacaEval's)")
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--trust-remote-code", action="store_true")
-    ev.add_argument("-q", "--quiet", action="store_true")
+    ev.add_argument("--batch-size", type=int, default=16,
+                    help="prompts per generate call when sampling a model")
+    ev.add_argument("--trust-remote-code", action="store_true",
+                    help="run a model's own code from its directory or hub repo")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     ev.add_argument("--judgements-out", metavar="FILE",
                     help="write one JSONL row per prompt: both responses, the scores (or the "
                     "LLM judge's verdicts) and the preference (1 = A better)")
@@ -327,7 +335,7 @@ def _responses(source: str, args: argparse.Namespace, procs) -> list[dict]:
         raise PrefloopError(f"{source}: a model needs --prompts to sample from "
                             "(or give a responses .jsonl file)")
     prompts = load_prompts(PromptsConfig(path=args.prompts, column=args.prompt_column,
-                                         limit=args.limit))
+                                         limit=args.limit, chat=args.chat))
     sampling = SamplingConfig(num_samples=1, temperature=args.temperature,
                               max_new_tokens=args.max_new_tokens, seed=args.seed,
                               **backend_options(args))

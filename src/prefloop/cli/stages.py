@@ -82,6 +82,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="policy: hub id or directory")
     p.add_argument("--prompts", required=True, help="prompts: jsonl/parquet/dir/hub id")
     p.add_argument("--prompt-column", default="prompt", help="string or chat messages")
+    p.add_argument("--chat", action="store_true",
+                   help="send a plain-text prompt as one user message, through the model's "
+                   "chat template (for an instruction-tuned model)")
     p.add_argument("--limit", type=int, default=0, help="use the first N prompts")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -180,7 +183,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from prefloop.workers import Processes, sample_prompts
 
     prompts = load_prompts(PromptsConfig(path=args.prompts, column=args.prompt_column,
-                                         id_column=args.id_column, limit=args.limit))
+                                         id_column=args.id_column, limit=args.limit,
+                                         chat=args.chat))
     sampling = SamplingConfig(
         num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
@@ -272,7 +276,7 @@ def _cmd_best_of_n(args: argparse.Namespace) -> int:
     from prefloop.workers import Processes, best_of_n, sample_prompts, score_rows
 
     prompts = load_prompts(PromptsConfig(path=args.prompts, column=args.prompt_column,
-                                         limit=args.limit))
+                                         limit=args.limit, chat=args.chat))
     sampling = SamplingConfig(num_samples=args.n, temperature=args.temperature,
                               top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, seed=args.seed,
