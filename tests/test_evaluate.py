@@ -683,3 +683,26 @@ def test_evaluate_files_limit_bad_values_and_unmatched_prompts(tmp_path, capsys)
     assert main(["evaluate", bad, b]) == 2
     assert "bad2.jsonl, line 1, field 'response': expected text, got 5" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--judge-summary", "s.json"], "--judge-summary: only with --judge-model"),
+    (["--judge-order", "random"], "--judge-order: only with --judge-model"),
+    (["--temperature", "0.7"], "--temperature: A and B are both responses files"),
+    (["--backend", "vllm"], "--backend: A and B are both responses files"),
+    (["--chat"], "--chat: A and B are both responses files"),
+    (["--prompts", "p.jsonl"], "--prompts: A and B are both responses files"),
+    (["--names", "x", "y"], "--names: names the generators"),
+    (["--regularize-lambda", "0.5"], "--regularize-lambda: weighs"),
+    (["--reward-model", "m", "--reward-function", "f:g"], "give one reward"),
+])
+def test_evaluate_refuses_options_that_do_not_apply(tmp_path, capsys, extra, message):
+    """These were silently ignored (a --judge-summary without the judge wrote nothing)."""
+    from prefloop.cli import main
+    from tests.conftest import write_jsonl
+
+    rows = [{"prompt_id": "p", "prompt": "q", "response": "a", "score": 1.0}]
+    a, b = write_jsonl(tmp_path / "a.jsonl", rows), write_jsonl(tmp_path / "b.jsonl", rows)
+    assert main(["evaluate", a, b, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"prefloop: error: {message}") and len(err.splitlines()) == 1

@@ -66,7 +66,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "file or model names; B from its alpaca_eval file's `generator`)")
     add_backend_options(ev)
     add_judge_options(ev)
-    ev.set_defaults(func=_cmd_evaluate)
+    ev.set_defaults(func=_cmd_evaluate, defaults={
+        a.dest: a.default for a in ev._actions if a.option_strings and a.dest != "help"})
 
     report = sub.add_parser("report", help="HTML report with plots for one or more run dirs")
     report.add_argument("runs", nargs="+", help="run directories (several are overlaid)")
@@ -113,6 +114,46 @@ def add_judge_options(ev: argparse.ArgumentParser) -> None:
                    "report shows)")
 
 
+# options that only mean something when A or B is a model to sample from
+SAMPLING_OPTIONS = ("prompt_column", "chat", "temperature", "max_new_tokens", "batch_size",
+                    "backend", "dtype", "tensor_parallel_size", "gpu_memory_utilization",
+                    "max_model_len", "enable_prefix_caching", "engine_arg")
+
+
+def _refuse_unused_options(args: argparse.Namespace) -> None:
+    """An option that does not apply to this comparison raises instead of being ignored."""
+    from pathlib import Path
+
+    def given(dest: str) -> bool:
+        return getattr(args, dest) != args.defaults[dest]
+
+    def flag(dest: str) -> str:
+        return "--" + {"enable_prefix_caching": "no-prefix-caching"}.get(
+            dest, dest.replace("_", "-"))
+
+    if not args.judge_model:
+        for dest in args.defaults:
+            if dest.startswith("judge_") and given(dest):
+                raise PrefloopError(f"{flag(dest)}: only with --judge-model (the LLM judge)")
+    files = all(Path(x).suffix in (".jsonl", ".json") for x in (args.a, args.b))
+    if files:
+        for dest in SAMPLING_OPTIONS:
+            if given(dest):
+                raise PrefloopError(f"{flag(dest)}: A and B are both responses files; it "
+                                    "applies only to sampling a model")
+        if args.prompts and not args.difficulty_column:
+            raise PrefloopError("--prompts: A and B are both responses files; --prompts is "
+                                "read only to sample a model or for --difficulty-column")
+    if args.names and not (args.alpaca_eval_dir or args.judgements_out or args.judge_model):
+        raise PrefloopError("--names: names the generators in --alpaca-eval-dir, "
+                            "--judgements-out or the judge's files; none is asked for")
+    if given("regularize_lambda") and not (args.verbose_baseline or args.concise_baseline):
+        raise PrefloopError("--regularize-lambda: weighs --verbose-baseline/--concise-baseline "
+                            "rows; neither is given")
+    if args.reward_model and args.reward_function:
+        raise PrefloopError("--reward-model and --reward-function: give one reward")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -120,6 +161,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from prefloop.data import load_rows, read_jsonl
     from prefloop.workers import Processes, score_rows
 
+    _refuse_unused_options(args)
     if args.judge_model:
         return _cmd_judge(args)
     procs = Processes()
