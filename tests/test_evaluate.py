@@ -694,7 +694,8 @@ def test_evaluate_files_limit_bad_values_and_unmatched_prompts(tmp_path, capsys)
     (["--prompts", "p.jsonl"], "--prompts: A and B are both responses files"),
     (["--names", "x", "y"], "--names: names the generators"),
     (["--regularize-lambda", "0.5"], "--regularize-lambda: weighs"),
-    (["--reward-model", "m", "--reward-function", "f:g"], "give one reward"),
+    (["--reward-model", "m", "--reward-function", "f:g"],
+     "--reward-model and --reward-function: give one reward"),
 ])
 def test_evaluate_refuses_options_that_do_not_apply(tmp_path, capsys, extra, message):
     """These were silently ignored (a --judge-summary without the judge wrote nothing)."""
