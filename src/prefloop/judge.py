@@ -470,7 +470,7 @@ def lc_standard_error(lc: ev.LCWinRate, len_a: Sequence[float], len_b: Sequence[
 
 
 def _summarise(cfg: JudgeConfig, rows: list[dict], calls: dict[str, int],
-               notes: list[str]) -> dict[str, Any]:
+               notes: list[str], cached: bool = True) -> dict[str, Any]:
     ok = [r for r in rows if r["status"] == "ok"]
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "unparseable", "failed")}
     summary: dict[str, Any] = {
@@ -508,7 +508,9 @@ def _summarise(cfg: JudgeConfig, rows: list[dict], calls: dict[str, int],
                      "answer and are left out of the rates")
     if counts["failed"]:
         notes.append(f"{counts['failed']} of {len(rows)} prompts failed (see their 'reason') "
-                     "and are left out of the rates; re-run with the same cache to retry them")
+                     "and are left out of the rates; "
+                     + ("re-run with the same cache to retry only them" if cached else
+                        "without a cache a re-run asks for every prompt again"))
     summary["warnings"] = list(notes)
     return summary
 
@@ -690,8 +692,9 @@ def judge_pairs(
                 bar.close()
     if fatal:
         raise PrefloopError(f"judge {cfg.model} at {cfg.resolved_base_url() or 'api.openai.com'}"
-                            f": {fatal[0]} (check judge.model, judge.base_url and "
-                            f"${cfg.api_key_env}); answers so far are in the cache")
+                            f": {fatal[0]} (check the judge's model name, base URL and "
+                            f"${cfg.api_key_env})"
+                            + ("; the answers so far are in the cache" if cache_path else ""))
 
     rows = []
     for k, (i, j) in enumerate(pairs):
@@ -703,7 +706,7 @@ def judge_pairs(
              "requests_sent": len(todo),
              "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
              "completion_tokens": sum(r["completion_tokens"] for r in rows)}
-    summary = _summarise(cfg, rows, spent, notes)
+    summary = _summarise(cfg, rows, spent, notes, cached=cache_path is not None)
     return JudgeResult(rows=rows, summary=summary, config=cfg, names=names, warnings=notes)
 
 

@@ -321,7 +321,7 @@ def llm_judge(ctx: Context, t: int, rows: list[dict], initial_rows: list[dict]) 
     cfg, run = ctx.cfg, ctx.run
     path = cfg.eval.judge_baseline
     if not path:
-        baseline, name = initial_rows, "iter_0"
+        baseline, name = initial_rows, f"{cfg.name}-iter_0"
     else:
         baseline = load_alpaca_eval_outputs(path) if path.endswith(".json") else read_jsonl(path)
         name = next((r["generator"] for r in baseline if r.get("generator")), Path(path).stem)
