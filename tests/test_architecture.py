@@ -109,3 +109,34 @@ def test_readme_artifact_table_is_the_run_directorys():
     described = dict(rows)
     for path, what in ARTIFACTS:
         assert described[path] == what, path
+
+
+def test_every_config_validates_one_way():
+    """One protocol: every config section has `validate`, and building one never validates
+    (PairingConfig used to raise from __post_init__, the others from validate())."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    found = []
+    for name in _modules():
+        if name.endswith("__main__"):  # importing it runs the CLI
+            continue
+        module = importlib.import_module(name)
+        for cls_name, cls in vars(module).items():
+            if (inspect.isclass(cls) and dataclasses.is_dataclass(cls)
+                    and cls_name.endswith("Config") and cls.__module__ == name):
+                found.append(cls)
+                assert callable(getattr(cls, "validate", None)), cls_name
+                post = getattr(cls, "__post_init__", None)
+                if post is not None:
+                    calls = [n.func.attr for n in ast.walk(ast.parse(
+                        inspect.getsource(post).strip())) if isinstance(n, ast.Call)
+                        and isinstance(n.func, ast.Attribute)]
+                    assert "validate" not in calls, f"{cls_name}.__post_init__ validates"
+    assert len(found) >= 20
+    from prefloop.pairing import PairingConfig
+
+    bad = PairingConfig(strategy="nope")  # built, not validated
+    with pytest.raises(ValueError, match=r"^pairing\.strategy: unknown 'nope'"):
+        bad.validate()

@@ -373,8 +373,9 @@ def test_duplicate_sample_is_refused():
     ],
 )
 def test_bad_options_are_refused(options, message):
+    config = PairingConfig(**options)  # built, then validated (one protocol for configs)
     with pytest.raises(ValueError, match=message):
-        PairingConfig(**options)
+        config.validate()
 
 
 # ---------------------------------------------------------------- properties

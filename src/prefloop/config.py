@@ -32,6 +32,13 @@ class DataConfig:
     max_prompt_length: int = 512
     truncation: str = "truncate"  # truncate | skip | error
 
+    def validate(self, key: str = "data") -> None:
+        """The truncation policy and the length limits (the path is the command's to ask)."""
+        check_choice(f"{key}.truncation", self.truncation, TRUNCATION)
+        if self.max_prompt_length >= self.max_length:
+            raise PrefloopError(f"{key}.max_prompt_length must be smaller than "
+                                f"{key}.max_length")
+
 
 # How lr_dpo's α is chosen (prefloop.length_control): held at a length target by a dual
 # update (default), re-solved at every step, set once from the first step, or fixed.
@@ -47,6 +54,16 @@ class LengthControlConfig:
     target: float = 0.0  # mode target: L* in loss.length_unit; 0 = the initial policy's mean
     #                      length (the loop) or the pairs' mean response length (prefloop train)
     rate: float = 1.0  # mode target: η of λ ← λ + η·(L̂/L̄ − 1)/mean|d| per step (α = c·root + λ)
+
+    def validate(self, key: str = "loss.length_control") -> None:
+        """Its own values; which apply depends on the loss (LossConfig.validate)."""
+        if self.mode:
+            check_choice(f"{key}.mode", self.mode, ALPHA_MODES)
+        if self.target < 0:
+            raise PrefloopError(f"{key}.target: must be ≥ 0 (0 = the initial length), "
+                                f"got {self.target}")
+        if self.rate <= 0:
+            raise PrefloopError(f"{key}.rate: must be > 0, got {self.rate}")
 
     def resolved_mode(self, loss: LossConfig) -> str:
         """The mode in force for `loss` ("none" for losses without a length margin)."""
@@ -73,6 +90,61 @@ class LossConfig:
     def alpha_mode(self) -> str:
         return self.length_control.resolved_mode(self)
 
+    def validate(self, key: str = "loss") -> None:
+        """The loss name, its parameters against the registry, and the length control."""
+        from prefloop.losses import LOSSES
+
+        if self.name not in LOSSES:
+            raise PrefloopError(f"{key}.name: unknown loss {self.name!r}; valid losses: "
+                                f"{', '.join(sorted(LOSSES))}")
+        check_choice(f"{key}.length_unit", self.length_unit, ("tokens", "chars"))
+        valid = LOSSES[self.name].defaults
+        for param, value in self.params.items():
+            if param not in valid:
+                import difflib
+
+                known = [*valid, *(f.name for f in dataclasses.fields(LossConfig))]
+                close = difflib.get_close_matches(param, known, n=1)
+                hint = f"did you mean {key}.{close[0]}? " if close else ""
+                raise PrefloopError(
+                    f"{key}.{param}: not a parameter of loss {self.name!r}; {hint}"
+                    f"its parameters: {', '.join(sorted(valid)) or 'none'}"
+                )
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise PrefloopError(f"{key}.{param}: expected a number, got {value!r}")
+        if self.auto_alpha and self.name != "lr_dpo":
+            raise PrefloopError(f"{key}.auto_alpha: only for lr_dpo (the length margin's α), "
+                                f"not {self.name!r}")
+        if self.auto_alpha and "alpha" in self.params:
+            raise PrefloopError(f"{key}.auto_alpha: sets α from the pairs; drop {key}.alpha "
+                                f"({self.params['alpha']}; {key}.alpha=null on the command "
+                                f"line) or set {key}.auto_alpha=false")
+        self._validate_length_control(key)
+
+    def _validate_length_control(self, key: str) -> None:
+        lc, lkey = self.length_control, f"{key}.length_control"
+        lc.validate(lkey)
+        if self.name != "lr_dpo":
+            if lc != LengthControlConfig():
+                raise PrefloopError(f"{lkey}: only for lr_dpo (the length margin's α), not "
+                                    f"{self.name!r}")
+            return
+        mode = self.alpha_mode
+        if "alpha" in self.params and mode != "fixed":
+            raise PrefloopError(f"{key}.alpha: a fixed α does not apply with {lkey}.mode="
+                                f"{mode}; drop {key}.alpha ({key}.alpha=null) or set "
+                                f"{lkey}.mode=fixed")
+        if self.auto_alpha and mode != "first_step":
+            raise PrefloopError(f"{key}.auto_alpha: the same as {lkey}.mode=first_step, not "
+                                f"{mode}")
+        defaults = LengthControlConfig()
+        if mode != "target" and (lc.target, lc.rate) != (defaults.target, defaults.rate):
+            raise PrefloopError(f"{lkey}.target and .rate: only for {lkey}.mode=target, not "
+                                f"{mode}")
+        if mode == "fixed" and "alpha" not in self.params:
+            raise PrefloopError(f"{lkey}.mode=fixed: give the α, {key}.alpha (per unit of "
+                                f"{self.length_unit[:-1]})")
+
 
 @dataclass
 class LoraConfig:
@@ -81,6 +153,14 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
+
+    def validate(self, key: str = "training.lora") -> None:
+        if self.r < 1:
+            raise PrefloopError(f"{key}.r: must be ≥ 1, got {self.r}")
+        if self.alpha <= 0:
+            raise PrefloopError(f"{key}.alpha: must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise PrefloopError(f"{key}.dropout: must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -103,6 +183,28 @@ class TrainingConfig:
     log_every: int = 1
     save_every: int = 0  # steps between checkpoints, 0 = only the final model
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self, key: str = "training", pairs: bool = True) -> None:
+        """The checks every command applies to its `training:` section. `pairs=False` (SFT,
+        reward models) refuses `layout`, which only means something for a policy reading
+        preference pairs: an option that does not apply must not be ignored."""
+        t = self
+        check_choice(f"{key}.precision", t.precision, ("fp32", "bf16", "fp16"))
+        check_choice(f"{key}.layout", t.layout, ("shared_prompt", "padded"))
+        if not pairs and t.layout != type(self).layout:
+            raise PrefloopError(f"{key}.layout: applies to preference training only; remove it")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(t, name) < 1:
+                raise PrefloopError(f"{key}.{name}: must be ≥ 1, got {getattr(t, name)}")
+        if t.epochs <= 0 and t.max_steps <= 0:
+            raise PrefloopError(f"{key}.epochs or {key}.max_steps must be positive")
+        if not 0 <= t.warmup_ratio < 1:
+            raise PrefloopError(f"{key}.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+        if t.lr <= 0:
+            raise PrefloopError(f"{key}.lr: must be positive, got {t.lr}")
+        if t.save_every < 0:
+            raise PrefloopError(f"{key}.save_every: must be ≥ 0, got {t.save_every}")
+        t.lora.validate(f"{key}.lora")
 
 
 DEFAULT_REFINE_TEMPLATE = (
@@ -275,7 +377,7 @@ class TrainConfig:
         from prefloop.losses import LOSSES
 
         validate_common(self)
-        validate_loss(self.loss)
+        self.loss.validate("loss")
         spec = LOSSES[self.loss.name]
         if spec.reference_free and self.reference:
             raise PrefloopError(f"reference: loss {self.loss.name!r} uses no reference model")
@@ -289,29 +391,6 @@ class TrainConfig:
 TRUNCATION = ("truncate", "skip", "error")
 
 
-def validate_training(t: TrainingConfig, key: str = "training", pairs: bool = True) -> None:
-    """The checks every command applies to its `training:` section.
-
-    `pairs=False` (SFT, reward models) refuses `layout`, which only means something for
-    a policy reading preference pairs: an option that does not apply must not be ignored.
-    """
-    check_choice(f"{key}.precision", t.precision, ("fp32", "bf16", "fp16"))
-    check_choice(f"{key}.layout", t.layout, ("shared_prompt", "padded"))
-    if not pairs and t.layout != TrainingConfig.layout:
-        raise PrefloopError(f"{key}.layout: applies to preference training only; remove it")
-    for name in ("batch_size", "grad_accum", "log_every"):
-        if getattr(t, name) < 1:
-            raise PrefloopError(f"{key}.{name}: must be ≥ 1, got {getattr(t, name)}")
-    if t.epochs <= 0 and t.max_steps <= 0:
-        raise PrefloopError(f"{key}.epochs or {key}.max_steps must be positive")
-    if not 0 <= t.warmup_ratio < 1:
-        raise PrefloopError(f"{key}.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
-    if t.lr <= 0:
-        raise PrefloopError(f"{key}.lr: must be positive, got {t.lr}")
-    if t.save_every < 0:
-        raise PrefloopError(f"{key}.save_every: must be ≥ 0, got {t.save_every}")
-
-
 def validate_common(cfg: Any, require_data: bool = True, pairs: bool = True) -> None:
     """What `train`, `sft` and `reward-model` configs share: `model`, `data.path` (when
     `require_data`), the truncation policy and length limits, and `training:`.
@@ -323,80 +402,16 @@ def validate_common(cfg: Any, require_data: bool = True, pairs: bool = True) -> 
         raise PrefloopError("model: required (a hub id or a local model directory)")
     if require_data and not cfg.data.path:
         raise PrefloopError("data.path: required (jsonl, parquet, dataset dir or hub id)")
-    data = cfg.data
-    if hasattr(data, "truncation"):
-        check_choice("data.truncation", data.truncation, TRUNCATION)
-    else:
+    cfg.data.validate("data")
+    if not hasattr(cfg.data, "truncation"):
         check_choice("truncation", cfg.truncation, TRUNCATION)
-    if hasattr(data, "max_prompt_length") and data.max_prompt_length >= data.max_length:
-        raise PrefloopError("data.max_prompt_length must be smaller than data.max_length")
-    validate_training(cfg.training, pairs=pairs)
+    cfg.training.validate("training", pairs=pairs)
 
 
 def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     """Refuse `value` unless it is one of `allowed`, listing them."""
     if value not in allowed:
         raise PrefloopError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-
-
-def validate_loss(loss: LossConfig) -> None:
-    from prefloop.losses import LOSSES
-
-    if loss.name not in LOSSES:
-        raise PrefloopError(
-            f"loss.name: unknown loss {loss.name!r}; valid losses: {', '.join(sorted(LOSSES))}"
-        )
-    check_choice("loss.length_unit", loss.length_unit, ("tokens", "chars"))
-    valid = LOSSES[loss.name].defaults
-    for key, value in loss.params.items():
-        if key not in valid:
-            import difflib
-
-            known = [*valid, *(f.name for f in dataclasses.fields(LossConfig))]
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean loss.{close[0]}? " if close else ""
-            raise PrefloopError(
-                f"loss.{key}: not a parameter of loss {loss.name!r}; {hint}"
-                f"its parameters: {', '.join(sorted(valid)) or 'none'}"
-            )
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise PrefloopError(f"loss.{key}: expected a number, got {value!r}")
-    if loss.auto_alpha and loss.name != "lr_dpo":
-        raise PrefloopError(f"loss.auto_alpha: only for lr_dpo (the length margin's α), not "
-                            f"{loss.name!r}")
-    if loss.auto_alpha and "alpha" in loss.params:
-        raise PrefloopError("loss.auto_alpha: sets α from the pairs; drop loss.alpha "
-                            f"({loss.params['alpha']}; loss.alpha=null on the command line) "
-                            "or set loss.auto_alpha=false")
-    validate_length_control(loss)
-
-
-def validate_length_control(loss: LossConfig) -> None:
-    lc, key = loss.length_control, "loss.length_control"
-    if lc.mode:
-        check_choice(f"{key}.mode", lc.mode, ALPHA_MODES)
-    if loss.name != "lr_dpo":
-        if lc != LengthControlConfig():
-            raise PrefloopError(f"{key}: only for lr_dpo (the length margin's α), not "
-                                f"{loss.name!r}")
-        return
-    mode = loss.alpha_mode
-    if "alpha" in loss.params and mode != "fixed":
-        raise PrefloopError(f"loss.alpha: a fixed α does not apply with {key}.mode={mode}; "
-                            f"drop loss.alpha (loss.alpha=null) or set {key}.mode=fixed")
-    if loss.auto_alpha and mode != "first_step":
-        raise PrefloopError(f"loss.auto_alpha: the same as {key}.mode=first_step, not {mode}")
-    if lc.target < 0:
-        raise PrefloopError(f"{key}.target: must be ≥ 0 (0 = the initial length), "
-                            f"got {lc.target}")
-    if lc.rate <= 0:
-        raise PrefloopError(f"{key}.rate: must be > 0, got {lc.rate}")
-    defaults = LengthControlConfig()
-    if mode != "target" and (lc.target, lc.rate) != (defaults.target, defaults.rate):
-        raise PrefloopError(f"{key}.target and .rate: only for {key}.mode=target, not {mode}")
-    if mode == "fixed" and "alpha" not in loss.params:
-        raise PrefloopError(f"{key}.mode=fixed: give the α, loss.alpha (per unit of "
-                            f"{loss.length_unit[:-1]})")
 
 
 # ---------------------------------------------------------------- building from dicts

@@ -37,7 +37,6 @@ from prefloop.config import (
     SamplingConfig,
     TrainingConfig,
     check_choice,
-    validate_training,
 )
 from prefloop.errors import PrefloopError
 from prefloop.prompts import PromptsConfig
@@ -53,6 +52,12 @@ class DistillDataConfig:
     max_length: int = 1024
     max_prompt_length: int = 512
     truncation: str = "truncate"  # truncate | skip | error, as for preference data
+
+    def validate(self, key: str = "data") -> None:
+        check_choice(f"{key}.truncation", self.truncation, TRUNCATION)
+        if self.max_prompt_length >= self.max_length:
+            raise PrefloopError(f"{key}.max_prompt_length must be smaller than "
+                                f"{key}.max_length")
 
 
 @dataclass
@@ -103,7 +108,7 @@ class DistillConfig:
         check_choice("data.truncation", self.data.truncation, TRUNCATION)
         if self.data.max_prompt_length >= self.data.max_length:
             raise PrefloopError("data.max_prompt_length must be smaller than data.max_length")
-        validate_training(self.training)
+        self.training.validate("training")
         out = Path(self.output_dir).resolve()
         if out in (Path(self.student).resolve(), Path(self.teacher).resolve()):
             raise PrefloopError(f"output_dir: {self.output_dir} is an input model; write "

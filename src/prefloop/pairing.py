@@ -95,16 +95,16 @@ class RejectionSamplingConfig:
     beta: float = 0.5
     num_accepted: int = 2
 
-    def validate(self) -> None:
+    def validate(self, key: str = "pairing.rejection_sampling") -> None:
         if not isinstance(self.enabled, bool):
-            raise PairingError(f"pairing.rejection_sampling.enabled: expected true or false, "
+            raise PairingError(f"{key}.enabled: expected true or false, "
                                f"got {self.enabled!r}")
         if not _is_number(self.beta) or not math.isfinite(self.beta) or self.beta <= 0:
-            raise PairingError(f"pairing.rejection_sampling.beta: must be a finite number > 0, "
+            raise PairingError(f"{key}.beta: must be a finite number > 0, "
                                f"got {self.beta!r}")
         n = self.num_accepted
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise PairingError(f"pairing.rejection_sampling.num_accepted: must be an integer "
+            raise PairingError(f"{key}.num_accepted: must be an integer "
                                f"≥ 2 (a pair needs two candidates), got {n!r}")
 
 
@@ -144,29 +144,28 @@ class PairingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rejection_sampling, dict):
             self.rejection_sampling = RejectionSamplingConfig(**self.rejection_sampling)
-        self.validate()
 
-    def validate(self) -> None:
+    def validate(self, key: str = "pairing") -> None:
         """Raise :class:`PairingError` naming the first bad option and its valid values."""
         if self.strategy not in STRATEGIES:
             raise PairingError(
-                f"pairing.strategy: unknown {self.strategy!r}; valid values: "
+                f"{key}.strategy: unknown {self.strategy!r}; valid values: "
                 f"{', '.join(STRATEGIES)}"
             )
         if self.length_unit not in LENGTH_UNITS:
             raise PairingError(
-                f"pairing.length_unit: unknown {self.length_unit!r}; valid values: "
+                f"{key}.length_unit: unknown {self.length_unit!r}; valid values: "
                 f"{', '.join(LENGTH_UNITS)}"
             )
         penalty = self.length_penalty
         if isinstance(penalty, str):
             if penalty != "auto":
                 raise PairingError(
-                    f"pairing.length_penalty: {penalty!r} is not a number; give α ≥ 0 or 'auto'"
+                    f"{key}.length_penalty: {penalty!r} is not a number; give α ≥ 0 or 'auto'"
                 )
         elif not _is_number(penalty) or not math.isfinite(penalty) or penalty < 0:
             raise PairingError(
-                f"pairing.length_penalty: must be a finite number ≥ 0 or 'auto', got {penalty!r}"
+                f"{key}.length_penalty: must be a finite number ≥ 0 or 'auto', got {penalty!r}"
             )
         for name, value, positive in (
             ("min_margin", self.min_margin, False),
@@ -174,34 +173,34 @@ class PairingConfig:
             ("auto_alpha_step", self.auto_alpha_step, True),
         ):
             if not _is_number(value) or not math.isfinite(value) or value < 0:
-                raise PairingError(f"pairing.{name}: must be a finite number ≥ 0, got {value!r}")
+                raise PairingError(f"{key}.{name}: must be a finite number ≥ 0, got {value!r}")
             if positive and value == 0:
-                raise PairingError(f"pairing.{name}: must be > 0")
+                raise PairingError(f"{key}.{name}: must be > 0")
         gamma = self.replay_fraction
         if not _is_number(gamma) or not 0 <= gamma < 1:
-            raise PairingError(f"pairing.replay_fraction: must be in [0, 1), got {gamma!r}")
+            raise PairingError(f"{key}.replay_fraction: must be in [0, 1), got {gamma!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise PairingError(f"pairing.seed: must be an integer, got {self.seed!r}")
-        self.rejection_sampling.validate()
-        self._validate_method_options()
+            raise PairingError(f"{key}.seed: must be an integer, got {self.seed!r}")
+        self.rejection_sampling.validate(f"{key}.rejection_sampling")
+        self._validate_method_options(key)
 
-    def _validate_method_options(self) -> None:
+    def _validate_method_options(self, key: str) -> None:
         """Options that do not apply to the strategy must stay at their defaults."""
         if self.win_probability not in WIN_PROBABILITY_ESTIMATES:
-            raise PairingError(f"pairing.win_probability: unknown {self.win_probability!r}; "
+            raise PairingError(f"{key}.win_probability: unknown {self.win_probability!r}; "
                                f"valid values: {', '.join(WIN_PROBABILITY_ESTIMATES)}")
         m = method(self.strategy)
         if self.win_probability != "soft" and "win_probabilities" not in m.pair_fields:
             users = [s for s, x in METHODS.items() if "win_probabilities" in x.pair_fields]
-            raise PairingError(f"pairing.win_probability: only strategy {', '.join(users)} "
+            raise PairingError(f"{key}.win_probability: only strategy {', '.join(users)} "
                                "uses it")
         if self.rejection_sampling.enabled and not m.rejection_sampling:
-            raise PairingError(f"pairing.rejection_sampling: does not apply to strategy "
+            raise PairingError(f"{key}.rejection_sampling: does not apply to strategy "
                                f"{self.strategy} (one candidate pair per sample)")
         if not m.scored:
             for name, default in (("length_penalty", 0.0), ("min_margin", 0.0)):
                 if getattr(self, name) != default:
-                    raise PairingError(f"pairing.{name}: strategy {self.strategy} pairs "
+                    raise PairingError(f"{key}.{name}: strategy {self.strategy} pairs "
                                        f"without scores; leave {name} at {default}")
 
 

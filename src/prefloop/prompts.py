@@ -26,6 +26,13 @@ class PromptsConfig:
     # (an instruction-tuned policy sampled on raw text answers as a base model would)
     chat: bool = False
 
+    def validate(self, key: str = "prompts") -> None:
+        if not self.path:
+            raise PrefloopError(f"{key}.path: required (jsonl, parquet, dataset dir or hub id)")
+        for name in ("per_iteration", "limit"):
+            if getattr(self, name) < 0:
+                raise PrefloopError(f"{key}.{name}: must be ≥ 0")
+
 
 def load_prompts(cfg: PromptsConfig, key: str = "prompts",
                  rows: list[dict] | None = None) -> list[PromptRecord]:

@@ -66,6 +66,9 @@ class RewardDataConfig:
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
 
+    def validate(self, key: str = "data") -> None:
+        """Only names of the data; the truncation policy is the config's own `truncation`."""
+
 
 @dataclass
 class RewardTrainingConfig(TrainingConfig):

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from prefloop import batching, harness
-from prefloop.config import TrainingConfig, check_choice, config_hash, validate_common
+from prefloop.config import TRUNCATION, TrainingConfig, check_choice, config_hash, validate_common
 from prefloop.data import (
     Message,
     Text,
@@ -89,6 +89,13 @@ class SFTDataConfig:
     max_prompt_length: int = 512
     truncation: str = "truncate"  # truncate | skip | error, as for preference data
 
+    def validate(self, key: str = "data") -> None:
+        check_choice(f"{key}.truncation", self.truncation, TRUNCATION)
+        check_choice(f"{key}.assistant_turns", self.assistant_turns, ("all", "last"))
+        if self.max_prompt_length >= self.max_length:
+            raise PrefloopError(f"{key}.max_prompt_length must be smaller than "
+                                f"{key}.max_length")
+
 
 @dataclass
 class SFTTrainingConfig(TrainingConfig):
@@ -112,7 +119,6 @@ class SFTConfig:
     def validate(self, require_data: bool = False) -> None:
         """`require_data`: data.path must be set (train_sft asks unless rows come in memory)."""
         validate_common(self, require_data=require_data, pairs=False)
-        check_choice("data.assistant_turns", self.data.assistant_turns, ("all", "last"))
         if self.l1_delta < 0:
             raise PrefloopError(f"l1_delta: must be ≥ 0, got {self.l1_delta}")
 

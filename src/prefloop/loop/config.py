@@ -10,15 +10,12 @@ from pathlib import Path
 
 from prefloop.alignment_tax import TaxConfig
 from prefloop.config import (
-    TRUNCATION,
     DataConfig,
     LossConfig,
     RewardConfig,
     SamplingConfig,
     TrainingConfig,
     check_choice,
-    validate_loss,
-    validate_training,
 )
 from prefloop.errors import PrefloopError
 from prefloop.judge_config import JudgeConfig
@@ -44,6 +41,26 @@ class EvalConfig:
     # what the LLM judge compares each policy with: "" = π₀'s eval answers, or a file of
     # reference answers (alpaca_eval outputs .json, or a responses .jsonl with prompt_id)
     judge_baseline: str = ""
+
+    def validate(self, key: str = "eval") -> None:
+        """Its own sections; whether a reward is there to judge is the run's to check."""
+        if self.prompts.path:
+            self.prompts.validate(f"{key}.prompts")
+        self.sampling.validate(f"{key}.sampling")
+        if self.reward is not None:
+            self.reward.validate(f"{key}.reward")
+        check_choice(f"{key}.lc_fit", self.lc_fit, LC_FITS)
+        if self.judge is not None:
+            if not self.prompts.path:
+                raise PrefloopError(f"{key}.judge: needs {key}.prompts.path (the judge "
+                                    "compares answers to the eval prompts)")
+            self.judge.validate(f"{key}.judge")
+        if self.judge_baseline:
+            if self.judge is None:
+                raise PrefloopError(f"{key}.judge_baseline: set without {key}.judge")
+            if not self.judge_baseline.endswith((".json", ".jsonl")):
+                raise PrefloopError(f"{key}.judge_baseline: {self.judge_baseline} is not "
+                                    "an alpaca_eval outputs .json or a responses .jsonl")
 
 
 @dataclass
@@ -77,8 +94,7 @@ class RunConfig:
         """Every section, then the method's needs (an option that does not apply raises)."""
         if not self.policy:
             raise PrefloopError("policy: required (a hub id or a local model directory)")
-        if not self.prompts.path:
-            raise PrefloopError("prompts.path: required (jsonl, parquet, dataset dir or hub id)")
+        self.prompts.validate("prompts")
         if self.iterations < 1:
             raise PrefloopError(f"iterations: must be ≥ 1, got {self.iterations}")
         check_choice("reference", self.reference, REFERENCES)
@@ -90,32 +106,13 @@ class RunConfig:
                 raise PrefloopError(f"data.{key}: not used by the loop (it writes its own "
                                     "pairs); only data.max_length, data.max_prompt_length and "
                                     "data.truncation apply")
-        check_choice("data.truncation", self.data.truncation, TRUNCATION)
-        if self.data.max_prompt_length >= self.data.max_length:
-            raise PrefloopError("data.max_prompt_length must be smaller than data.max_length")
-        validate_training(self.training)
-        validate_loss(self.loss)
+        self.data.validate("data")
+        self.training.validate("training")
+        self.loss.validate("loss")
         self.sampling.validate("sampling")
-        self.eval.sampling.validate("eval.sampling")
         self.reward.validate("reward")
-        if self.eval.reward is not None:
-            self.eval.reward.validate("eval.reward")
-        self.pairing.validate()
-        check_choice("eval.lc_fit", self.eval.lc_fit, LC_FITS)
-        if self.eval.judge is not None:
-            if not self.eval.prompts.path:
-                raise PrefloopError("eval.judge: needs eval.prompts.path (the judge compares "
-                                    "answers to the eval prompts)")
-            self.eval.judge.validate("eval.judge")
-        if self.eval.judge_baseline:
-            if self.eval.judge is None:
-                raise PrefloopError("eval.judge_baseline: set without eval.judge")
-            if not self.eval.judge_baseline.endswith((".json", ".jsonl")):
-                raise PrefloopError(f"eval.judge_baseline: {self.eval.judge_baseline} is not "
-                                    "an alpaca_eval outputs .json or a responses .jsonl")
-        for name in ("per_iteration", "limit"):
-            if getattr(self.prompts, name) < 0:
-                raise PrefloopError(f"prompts.{name}: must be ≥ 0")
+        self.pairing.validate("pairing")
+        self.eval.validate("eval")
         if self.pairing.replay_fraction > 0 and not self.replay_data:
             raise PrefloopError("replay_data: required when pairing.replay_fraction > 0")
         self._validate_alignment_tax()
