@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -78,6 +78,9 @@ class LengthControlConfig:
 
 @dataclass
 class LossConfig:
+    # keys under `loss:` besides the fields are the loss's parameters, held in `params`
+    EXTRA_KEYS: ClassVar[str] = "params"
+
     name: str = "lr_dpo"
     length_unit: str = "tokens"  # tokens | chars, for the length margin of lr_dpo
     params: dict[str, float] = field(default_factory=dict)
@@ -480,12 +483,13 @@ def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     raw = dict(raw)
-    if cls is LossConfig:
-        # everything under loss: besides its fields is a parameter of the loss; a parameter
-        # set to null (`loss.alpha=null`) is removed, i.e. back to the loss's default
-        params = dict(raw.pop("params", {}) or {})
-        params.update({k: raw.pop(k) for k in list(raw) if k not in fields})
-        raw["params"] = {k: v for k, v in params.items() if v is not None}
+    extra = getattr(cls, "EXTRA_KEYS", None)
+    if extra:
+        # a section that takes keys besides its fields (the loss's parameters) holds them in
+        # one field; a key set to null (`loss.alpha=null`) is removed, i.e. its default
+        held = dict(raw.pop(extra, {}) or {})
+        held.update({k: raw.pop(k) for k in list(raw) if k not in fields})
+        raw[extra] = {k: v for k, v in held.items() if v is not None}
     kwargs = {}
     by_name = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in raw.items():
@@ -517,18 +521,17 @@ def _over_field_default(f: dataclasses.Field, value: dict) -> dict:
 
 
 def to_dict(cfg: Any) -> dict:
-    out = dataclasses.asdict(cfg)
-
-    def flatten_loss(d: dict) -> None:
-        for value in d.values():
-            if isinstance(value, dict):
-                if "params" in value and "length_unit" in value and "name" in value:
-                    params = value.pop("params")
-                    value.update(params)
-                flatten_loss(value)
-
-    flatten_loss(out)
-    return _plain(out)
+    """A config as plain data, the inverse of from_dict: a section's EXTRA_KEYS field (the
+    loss's parameters) is written as keys of the section itself, after its fields."""
+    out: dict = {}
+    extra = getattr(type(cfg), "EXTRA_KEYS", None)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name != extra:
+            out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else _plain(value)
+    if extra:
+        out.update(_plain(getattr(cfg, extra)))
+    return out
 
 
 def _plain(obj: Any) -> Any:
