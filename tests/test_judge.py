@@ -497,6 +497,10 @@ def test_alpaca_eval_judges_the_exported_outputs_through_the_local_server(server
 
 
 @needs_vllm
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_killed_mid_run_resumes_from_its_cache(proxy, tmp_path):
     """`prefloop evaluate A REF.json --judge-model …` stopped with Ctrl-C, then killed with
     SIGKILL while judging, then run to the end: the last run sends only what the earlier
@@ -516,8 +520,10 @@ def test_cli_killed_mid_run_resumes_from_its_cache(proxy, tmp_path):
     proxy.delay = 0.4
 
     def interrupt(at_least: int, how: signal.Signals) -> int:
+        # SIGINT back to its default in the child: a test run started in the background
+        # (`cmd &`, as CI may) ignores it, and a child would inherit that
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=_default_sigint)
         deadline = time.monotonic() + 60
         while not (cache.exists() and len(cache.read_text().splitlines()) >= at_least):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
