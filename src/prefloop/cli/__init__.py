@@ -10,8 +10,9 @@ import argparse
 import sys
 
 from prefloop.cli import demo, derive, evaluation, info, stages, tax, training
-from prefloop.cli.common import close_process_group, quiet_libraries
+from prefloop.cli.common import close_process_group
 from prefloop.errors import PrefloopError
+from prefloop.quiet import quiet_libraries
 
 
 def build_parser() -> argparse.ArgumentParser:

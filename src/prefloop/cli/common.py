@@ -65,21 +65,6 @@ def reward_config(args: argparse.Namespace) -> RewardConfig:
     return RewardConfig(type="function", function=args.reward_function)
 
 
-def quiet_libraries() -> None:
-    """`-q` also silences the Hugging Face libraries' own bars (loading weights, shards)."""
-    import os
-
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when they are first imported
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    if "transformers" in sys.modules:
-        from transformers.utils import logging
-
-        logging.disable_progress_bar()
-
-
 def close_process_group(succeeded: bool) -> None:
     """Tear down torch.distributed before the interpreter exits. Left to interpreter shutdown,
     gloo's threads can be destroyed while joinable and abort the process ("terminate called

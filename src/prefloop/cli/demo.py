@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from prefloop.cli.common import print_rows, quiet_libraries
+from prefloop.cli.common import print_rows
 from prefloop.errors import PrefloopError
+from prefloop.quiet import quiet_libraries
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -30,10 +30,15 @@ def run(cfg: RunConfig, resume: bool = False, redo_from: str | None = None,
         progress: bool = True, overwrite: bool = False,
         echo: Callable[..., None] | None = None) -> RunResult:
     """Run (or continue) the loop described by `cfg`; returns the metrics per iteration.
-    `progress=False` is silent: no bars and no tables (the run's files still record all);
+    `progress=False` is silent: no bars (the Hugging Face libraries' included, from then on in
+    this process) and no tables (the run's files still record all);
     `echo` takes the loop's lines instead of print. `overwrite` lets a new run write into a
     non-empty directory that holds no run."""
     cfg.validate()
+    if not progress:
+        from prefloop.quiet import quiet_libraries
+
+        quiet_libraries()  # nor the Hugging Face libraries' own bars
     ctx = Context(cfg, RunDir(cfg.directory, cfg.policy), progress=progress,
                   echo=echo or (print if progress else silent))
     return drive(ctx, resume, redo_from, overwrite)
