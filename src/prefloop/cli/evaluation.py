@@ -389,10 +389,11 @@ def _responses(source: str, args: argparse.Namespace, procs) -> list[dict]:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from prefloop.loop.rundir import RunDir
+
     from prefloop.report import write_report
 
     runs = [Path(r) for r in args.runs]
-    out = Path(args.out) if args.out else runs[0] / "report.html"
-    path = write_report(runs, out)
+    path = write_report(runs, Path(args.out) if args.out else RunDir(runs[0]).report)
     print_rows("prefloop report", [("runs", len(runs)), ("report", str(path))])
     return 0
