@@ -390,7 +390,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from prefloop.loop.rundir import RunDir
-
     from prefloop.report import write_report
 
     runs = [Path(r) for r in args.runs]
