@@ -195,11 +195,14 @@ def check_functions(cfg: RunConfig) -> None:
         import_function(cfg.eval.gold, "eval.gold")
 
 
+# files of which a model directory's tokenizer needs at least one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")
+
+
 def check_inputs(cfg: RunConfig) -> None:
     """What the stages will read, checked before any is run (and by --dry-run): the judge's
     reference answers, the alignment-tax task names, and a local policy's tokenizer."""
-    from prefloop.models import load_tokenizer
-
     path = cfg.eval.judge_baseline
     if path and not Path(path).is_file():
         raise PrefloopError(f"eval.judge_baseline: {path}: file not found")
@@ -207,5 +210,8 @@ def check_inputs(cfg: RunConfig) -> None:
         from prefloop.alignment_tax import check_tasks, task_manager
 
         check_tasks(cfg.alignment_tax.tasks, task_manager(cfg.alignment_tax.include_path))
-    if Path(cfg.policy).expanduser().is_dir():
-        load_tokenizer(cfg.policy, cfg.trust_remote_code)  # one line when it has none
+    policy = Path(cfg.policy).expanduser()
+    # the files, not the tokenizer: loading transformers here would slow every start
+    if policy.is_dir() and not any((policy / f).is_file() for f in TOKENIZER_FILES):
+        raise PrefloopError(f"policy: {policy} has no tokenizer files ({', '.join(TOKENIZER_FILES)}"
+                            "); save the tokenizer with the model (tokenizer.save_pretrained)")
