@@ -18,9 +18,9 @@ from pathlib import Path
 from prefloop import faults
 from prefloop.data import load_rows
 from prefloop.loop import stages
-from prefloop.loop.config import RunConfig, check_functions, check_inputs
+from prefloop.loop.config import check_functions, check_inputs
 from prefloop.loop.context import Context
-from prefloop.loop.rundir import Manifest, RunDir, config_changes, open_run, stage_key
+from prefloop.loop.rundir import Manifest, check_open, open_run, stage_key
 from prefloop.methods import method
 from prefloop.prompts import iteration_prompts, load_prompts, load_targets
 
@@ -39,7 +39,9 @@ def drive(ctx: Context, resume: bool = False, redo_from: str | None = None,
     """Run (or continue) the loop of `ctx.cfg` in `ctx.run`."""
     cfg, run = ctx.cfg, ctx.run
     check_functions(cfg)  # what can be checked without a model fails before anything is written
-    if not redo_from and _complete(run, cfg):
+    # the run directory's rules first: a finished run is only re-read, a refused one fails
+    # before its prompts are read
+    if check_open(run, cfg, resume, redo_from, overwrite) == "complete":
         ctx.echo(f"{run.root}: run already complete; nothing to do")
         return RunResult(run.root, run.read_metrics(), [],
                          Manifest.load(run.manifest).completed(), ctx.procs.is_main)
@@ -76,15 +78,6 @@ def drive(ctx: Context, resume: bool = False, redo_from: str | None = None,
     ctx.procs.barrier()
     result.metrics = run.read_metrics()
     return result
-
-
-def _complete(run: RunDir, cfg: RunConfig) -> bool:
-    """A finished run of this very config, with no iteration to add: nothing to read."""
-    manifest = Manifest.load(run.manifest)
-    if manifest is None or not manifest.finished:
-        return False
-    changes, recorded_iterations = config_changes(run, cfg)
-    return not changes and cfg.iterations == recorded_iterations
 
 
 def _run_stage(ctx: Context, result: RunResult, t: int, name: str,
