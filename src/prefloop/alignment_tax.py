@@ -342,13 +342,14 @@ def evaluate_policies(
     from prefloop.loop.rundir import RunDir
 
     out = RunDir(out_dir)
+    shared = settings(cfg, "")  # the task files are read (hashed) once per call
     records: dict[int, dict[str, Any]] = {}
     todo, notes = {}, []
     for t, model in sorted(models.items()):
         path = out.alignment_tax(t)
         stored = _read_record(path) if path.is_file() else None
-        if stored is not None and not overwrite and stored.get("settings") == settings(cfg,
-                                                                                        model):
+        mine = {**shared, "model": model_identity(model)}
+        if stored is not None and not overwrite and stored.get("settings") == mine:
             notes.append(f"alignment tax: {path} has these settings, kept ({redo_hint})")
             records[t] = stored
         else:
@@ -368,17 +369,16 @@ def evaluate_policies(
         records[t] = record
     # the summary covers every policy evaluated in this directory with these settings, not
     # only this call's (the loop evaluates one iteration at a time)
-    same = settings(cfg, "")
     for t, record in load_results(out.root).items():
         kept = {k: v for k, v in record.get("settings", {}).items() if k != "model"}
-        if t not in records and kept == {k: v for k, v in same.items() if k != "model"}:
+        if t not in records and kept == {k: v for k, v in shared.items() if k != "model"}:
             records[t] = record
     summary = {
         "baseline": 0,
         "models": {str(t): r.get("model", models.get(t)) for t, r in sorted(records.items())},
         "files": {str(t): str(out.alignment_tax(t).relative_to(out.root))
                   for t in sorted(records)},
-        "settings": {k: v for k, v in settings(cfg, "").items()
+        "settings": {k: v for k, v in shared.items()
                      if k in ("tasks", "limit", "num_fewshot", "include_path")},
         "rows": tax_rows(records),
     }
