@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.progress:
         from transformers.utils import logging
 
-        from prefloop.cli.common import quiet_libraries
+        from prefloop.quiet import quiet_libraries
 
         quiet_libraries()
         logging.set_verbosity_error()
