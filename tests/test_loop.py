@@ -132,8 +132,12 @@ def test_two_iterations_with_a_reward_model_leave_the_documented_artifacts(world
     # every artifact the README's table (RunDir.ARTIFACTS) lists is there, and no other
     from prefloop.loop.rundir import ARTIFACTS, OPTIONAL_ARTIFACTS
 
+    # lr_dpo holding π₀'s length has the length guard by default: its probes are written
+    guarded = {"iter_t/length_probe.jsonl"}
     listed = {path.replace("iter_t", f"iter_{t}").rstrip("/") for path, _ in ARTIFACTS
-              for t in (1, 2) if path not in OPTIONAL_ARTIFACTS}
+              for t in (1, 2) if path not in OPTIONAL_ARTIFACTS or path in guarded}
+    listed.add("iter_0/length_probe.jsonl")
+    assert all("length_guard" in manifest["stages"][f"iter_{t}/train"] for t in (1, 2))
     written = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
                if p.parent == run_dir or p.parent.parent == run_dir
                or p.name in ("train_log.jsonl", "train_summary.json")}

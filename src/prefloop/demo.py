@@ -68,6 +68,9 @@ class DemoConfig:
         "idpo": {"name": "dpo"},
         "ilr-dpo": {"name": "lr_dpo"},
     })
+    # the loop's `length_guard` keys for the runs it applies to (lr_dpo holding SFT's
+    # length), e.g. {attempts: 0} to run without it
+    length_guard: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         from prefloop.losses import LOSSES
@@ -92,6 +95,11 @@ class DemoConfig:
         check_choice("alpha_mode", self.alpha_mode, ALPHA_MODES)
         if self.alpha is not None and self.alpha < 0:
             raise PrefloopError(f"alpha: must be ≥ 0 (or null: automatic), got {self.alpha}")
+        if self.length_guard:
+            from prefloop.config import from_dict
+            from prefloop.loop.config import LengthGuardConfig
+
+            from_dict(LengthGuardConfig, self.length_guard, "length_guard.").validate()
         for name, loss in self.runs.items():
             if loss.get("name") not in LOSSES:
                 raise PrefloopError(f"runs.{name}.name: {loss.get('name')!r} is not a "
@@ -292,7 +300,7 @@ def run_config(cfg: DemoConfig, bed: Testbed, prompts: PromptSets, run_dir: Path
     from prefloop.config import from_dict
     from prefloop.loop import RunConfig
 
-    return from_dict(RunConfig, {
+    run_cfg = from_dict(RunConfig, {
         "name": run_dir.name,
         "run_dir": str(run_dir),
         "policy": str(bed.sft),
@@ -315,6 +323,11 @@ def run_config(cfg: DemoConfig, bed: Testbed, prompts: PromptSets, run_dir: Path
                               "seed": cfg.seed + 1},
                  "gold": "prefloop.testbed:gold"},
     })
+    if cfg.length_guard and run_cfg.length_guard_applies:
+        from prefloop.loop.config import LengthGuardConfig
+
+        run_cfg.length_guard = from_dict(LengthGuardConfig, cfg.length_guard, "length_guard.")
+    return run_cfg
 
 
 @dataclass

@@ -5,7 +5,8 @@ reached inside that stage (after one sampling batch, one scoring chunk, one opti
 step, or, for stages without inner points such as `pair`, once the stage's artifact is
 written but before the manifest marks it done). `PREFLOOP_FAULT_SIGNAL` picks the signal:
 `KILL` (default; nothing runs after it) or `INT` (what Ctrl-C sends; Python raises
-KeyboardInterrupt). Unset, it does nothing.
+KeyboardInterrupt). `PREFLOOP_FAULT_AT=N` signals at the stage's N-th point instead of its
+first (to die inside the length guard's second training, say). Unset, it does nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import signal
 
 _current_stage = ""
+_points_passed = 0  # fault points reached so far in the stage named by PREFLOOP_FAULT
 SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT}
 
 
@@ -30,8 +32,12 @@ def current_stage() -> str:
 
 def point() -> None:
     """A place where a crash would leave partial work behind; die here if asked to."""
+    global _points_passed
     wanted = os.environ.get("PREFLOOP_FAULT")
     if wanted and wanted == _current_stage:
+        _points_passed += 1
+        if _points_passed < int(os.environ.get("PREFLOOP_FAULT_AT", "1")):
+            return
         name = os.environ.get("PREFLOOP_FAULT_SIGNAL", "KILL").upper()
         if name not in SIGNALS:
             raise ValueError(f"PREFLOOP_FAULT_SIGNAL: {name!r} is not one of {', '.join(SIGNALS)}")

@@ -48,6 +48,22 @@ given. Under ``prefloop train`` (no samples), L̄_s is the pairs' mean response 
 The estimate uses h = Δ_w − Δ_l with the reference log-probs the loss uses; in the loop the
 reference is π_s (``reference: previous``, the paper's), for which it is the estimate above.
 With ``reference: initial`` h also carries earlier iterations' changes: a known bias.
+
+The length guard (the loop's ``length_guard``) closes the loop on *measured* length. The
+estimate sees only each pair's two answers; at a high learning rate the policy moves beyond
+them within one iteration (the testbed at 2× the demo's rate: +10–25 % per iteration, most
+of it answers that stop ending), which no estimate from the pairs reads. So after training
+π_t the loop samples it on a fixed probe set of the run's prompts and compares its mean
+length with π₀'s on the same probe, r = L̄_probe(π_t) / L̄_probe(π₀). Outside
+``1 ± band``, π_t is trained again from π_{t−1} on the same pairs with c scaled by s:
+
+      c = s · (L̄_s / L*)^κ,      ln s' = ln s − ln r / e,
+
+where e = d ln r / d ln s is the secant through the attempt and the closest earlier one on
+the other side of the target (regula falsi) once there is one, and until then e = −0.4
+(the testbed at 2× the learning rate: −0.33 to −0.53 between attempts ×1.3–1.5 apart).
+One retry moves s by at most ×3. The attempt closest to the target is kept, and the next
+iteration starts from its s: a learning rate that needs more α needs it every iteration.
 """
 
 from __future__ import annotations
@@ -80,15 +96,59 @@ DRIFT_EXPONENT = 2.0
 @dataclass
 class LengthGoal:
     """What the target mode steers to: ``target`` (L*) given the measured mean length
-    ``start`` (L̄_s) of the policy that sampled the pairs, both in the loss's length unit."""
+    ``start`` (L̄_s) of the policy that sampled the pairs, both in the loss's length unit;
+    ``scale`` is the length guard's s (1 without the guard)."""
 
     start: float
     target: float
+    scale: float = 1.0
 
     @property
     def drift_factor(self) -> float:
-        """c = (L̄_s / L*)^κ: more α for a policy that already answers too long."""
-        return (self.start / self.target) ** DRIFT_EXPONENT
+        """c = s·(L̄_s / L*)^κ: more α for a policy that already answers too long."""
+        return self.scale * (self.start / self.target) ** DRIFT_EXPONENT
+
+
+# The guard's first retry assumes r ∝ s^e with this e (measured on the testbed at 2× the
+# demo's learning rate); later retries use the secant of the attempts.
+GUARD_ELASTICITY = -0.4
+# One retry changes the scale by at most this factor (either way).
+GUARD_MAX_STEP = 3.0
+
+
+def next_scale(attempts: list[tuple[float, float]]) -> float:
+    """The length guard's next α scale s from every attempt so far, as (s, r) with r the
+    measured length over its target, aiming at r = 1 with ln s' = ln s − ln r / e from the
+    last attempt. Once attempts lie on both sides of r = 1, e is the secant through the last
+    one and the closest across (regula falsi: s' stays inside the bracket; bisection in
+    ln s if r does not fall between them); before that, e = −0.4. A secant between two
+    attempts on one side is not used: their lengths differ by little more than the probe's
+    noise (on the testbed, 1.077 → 1.052 read as e = −0.13 and the next step overshot to
+    0.85). One step moves s by at most ×3.
+
+    Raises:
+        ValueError: without attempts, or with a scale or ratio that is not positive.
+    """
+    import math
+
+    if not attempts:
+        raise ValueError("next_scale: no attempt to go from")
+    if any(s <= 0 or r <= 0 for s, r in attempts):
+        raise ValueError(f"next_scale: scales and ratios must be > 0, got {attempts}")
+    s, r = attempts[-1]
+    x, y = math.log(s), math.log(r)
+    across = [a for a in attempts[:-1] if (math.log(a[1]) > 0) != (y > 0)]
+    slope = GUARD_ELASTICITY
+    if across:
+        other_s, other_r = min(across, key=lambda a: abs(math.log(a[1])))
+        if other_s == s:
+            slope = GUARD_ELASTICITY
+        elif (secant := (y - math.log(other_r)) / (x - math.log(other_s))) < 0:
+            slope = secant
+        else:
+            return math.sqrt(s * other_s)
+    step = max(-math.log(GUARD_MAX_STEP), min(math.log(GUARD_MAX_STEP), -y / slope))
+    return math.exp(x + step)
 
 
 @dataclass
@@ -161,7 +221,8 @@ class AlphaController:
                                        "alpha_last": steps[-1],
                                        "alpha_mean": sum(steps) / len(steps)}
         if self.goal is not None:
-            out.update(start_length=self.goal.start, target_length=self.goal.target)
+            out.update(start_length=self.goal.start, target_length=self.goal.target,
+                       alpha_scale=self.goal.scale)
         return out
 
     def after_step(self, index: Tensor | None = None, h: Tensor | None = None,

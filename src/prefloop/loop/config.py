@@ -64,6 +64,30 @@ class EvalConfig:
 
 
 @dataclass
+class LengthGuardConfig:
+    """`length_guard`: lr_dpo's target mode (holding π₀'s length) checked on measured
+    length. After training π_t the loop samples it on `prompts` of the run's prompts
+    (`samples` each, the run's sampling settings; a fixed, seeded set, π₀ sampled on it
+    once); when its mean length is more than `band` off π₀'s there, π_t is trained again
+    from the same pairs with more (or less) α, at most `attempts` trainings in all, and the
+    closest is kept (prefloop.length_control, "the length guard")."""
+
+    attempts: int = 3  # trainings of one iteration at most; 1 = measure only; 0 = off
+    band: float = 0.05  # accepted |L̄_probe(π_t) / L̄_probe(π₀) − 1|
+    prompts: int = 256
+    samples: int = 4  # per probe prompt
+
+    def validate(self, key: str = "length_guard") -> None:
+        if self.attempts < 0:
+            raise PrefloopError(f"{key}.attempts: must be ≥ 0 (0 = off), got {self.attempts}")
+        if not 0 < self.band < 1:
+            raise PrefloopError(f"{key}.band: must be in (0, 1), got {self.band}")
+        for name in ("prompts", "samples"):
+            if getattr(self, name) < 1:
+                raise PrefloopError(f"{key}.{name}: must be ≥ 1, got {getattr(self, name)}")
+
+
+@dataclass
 class RunConfig:
     """`prefloop run`: the iterative loop."""
 
@@ -85,10 +109,24 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # lm-evaluation-harness on chosen iterations' policies (off while `tasks` is empty)
     alignment_tax: TaxConfig = field(default_factory=TaxConfig)
+    # lr_dpo's held length checked by sampling (applies to length_control.mode target
+    # holding π₀'s length; inactive otherwise)
+    length_guard: LengthGuardConfig = field(default_factory=LengthGuardConfig)
 
     @property
     def directory(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
+
+    @property
+    def length_guard_applies(self) -> bool:
+        """The guard holds π₀'s length: lr_dpo's target mode without a user-given target
+        (which is approached over iterations, not held)."""
+        return (self.loss.alpha_mode == "target"
+                and not self.loss.length_control.target)
+
+    @property
+    def guarded(self) -> bool:
+        return self.length_guard_applies and self.length_guard.attempts > 0
 
     def validate(self) -> None:
         """Every section, then the method's needs (an option that does not apply raises)."""
@@ -116,7 +154,21 @@ class RunConfig:
         if self.pairing.replay_fraction > 0 and not self.replay_data:
             raise PrefloopError("replay_data: required when pairing.replay_fraction > 0")
         self._validate_alignment_tax()
+        self._validate_length_guard()
         self._validate_method()
+
+    def _validate_length_guard(self) -> None:
+        self.length_guard.validate("length_guard")
+        if self.length_guard_applies:
+            return
+        changed = [f.name for f in fields(LengthGuardConfig)
+                   if getattr(self.length_guard, f.name) != getattr(LengthGuardConfig(), f.name)]
+        if changed:
+            why = ("a user-given loss.length_control.target is approached over iterations, "
+                   "not held" if self.loss.alpha_mode == "target" else
+                   f"loss {self.loss.name} with α mode {self.loss.alpha_mode!r} holds no "
+                   "length (the guard checks lr_dpo's length_control.mode target)")
+            raise PrefloopError(f"length_guard.{changed[0]}: does not apply: {why}")
 
     def _validate_alignment_tax(self) -> None:
         tax = self.alignment_tax

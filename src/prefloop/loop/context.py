@@ -27,6 +27,7 @@ class Context:
     manifest: Manifest | None = None  # set once the run directory is open
     eval_prompts: list[PromptRecord] = field(default_factory=list)
     targets: dict[str, str] = field(default_factory=dict)  # prompt id → SFT answer
+    probe_prompts: list[PromptRecord] = field(default_factory=list)  # the length guard's
 
     def __post_init__(self) -> None:
         if not self.procs.is_main:

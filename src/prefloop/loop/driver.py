@@ -53,6 +53,8 @@ def drive(ctx: Context, resume: bool = False, redo_from: str | None = None,
     ctx.targets = load_targets(cfg.prompts, prompt_rows) if cfg.prompts.target_column else {}
     ctx.eval_prompts = load_prompts(cfg.eval.prompts, "eval.prompts") \
         if cfg.eval.prompts.path else []
+    if cfg.guarded:
+        ctx.probe_prompts = stages.probe_prompts(prompts, cfg.length_guard.prompts, cfg.seed)
     result = RunResult(run.root, [], main=ctx.procs.is_main)
     scored = method(cfg.pairing.strategy).scored
 

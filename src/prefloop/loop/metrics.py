@@ -82,6 +82,9 @@ METRICS = (
     Metric("alpha", label="α first step (lr_dpo)", fmt="{:.4g}"),
     Metric("alpha_last", label="α last step", fmt="{:.4g}"),
     Metric("alpha_mean"),
+    Metric("trainings", label="trainings (length guard)", fmt="{:d}"),
+    Metric("alpha_scale", label="α scale (length guard)", fmt="{:.3g}"),
+    Metric("probe_ratio", label="probe length / π₀'s", fmt="{:.3f}"),
     Metric("judge_win_rate", label="judge win rate %", fmt="{:.1f}"),
     Metric("judge_lc_win_rate", label="judge LC win rate %", fmt="{:.1f}"),
 )

@@ -61,6 +61,7 @@ def plan(cfg: RunConfig, resume: bool = False, redo_from: str | None = None,
         ("eval prompts", cfg.eval.prompts.path or "none"),
         ("eval reward", _describe_reward(eval_reward) if cfg.eval.prompts.path else "none"),
         ("stages", " → ".join(stages) + f" × {cfg.iterations}"),
+        ("length guard", _describe_guard(cfg)),
         ("LLM judge", _describe_judge(cfg)),
         ("alignment tax", _describe_tax(cfg)),
     ]
@@ -68,6 +69,16 @@ def plan(cfg: RunConfig, resume: bool = False, redo_from: str | None = None,
 
 OPENING = {"start": "new", "continue": "resumed", "complete": "finished: nothing to do",
            "extend": "extended", "redo": "redone from the given stage"}
+
+
+def _describe_guard(cfg: RunConfig) -> str:
+    g = cfg.length_guard
+    if not cfg.length_guard_applies:
+        return "does not apply (lr_dpo holding π₀'s length only)"
+    if not cfg.guarded:
+        return "off (length_guard.attempts=0)"
+    return (f"π_t's length on {g.prompts} prompts × {g.samples} samples within ±{g.band:.0%} "
+            f"of π₀'s, ≤ {g.attempts} trainings per iteration")
 
 
 def _describe_judge(cfg: RunConfig) -> str:

@@ -29,10 +29,11 @@ ARTIFACTS: tuple[tuple[str, str], ...] = (
     ("config.yaml", "the resolved config the run was started (or last extended / redone) with"),
     ("manifest.json", "config hash, versions, seed; per stage its status, seconds and counts "
                       "(pairing stats, truncation; per train stage the α mode, α at the first "
-                      "and last step and its mean, the measured start length, the length target)"),
+                      "and last step and its mean, the measured start length, the length target "
+                      "and the length guard's attempts: α scale, probe length, ratio to π₀'s)"),
     ("metrics.jsonl", "one row per evaluated iteration (0 = π₀): reward, gold accuracy ± SE, "
                       "mean/median length ± SE, win rate, LC win rate, KL, EOS rate, α, length "
-                      "target"),
+                      "target; with the length guard its trainings, α scale and probe ratio"),
     ("iter_0/eval_samples.jsonl", "π₀'s answers to the eval prompts with score and gold"),
     ("iter_0/eval.json", "π₀'s metrics row"),
     ("iter_t/samples.jsonl", "K samples per prompt from π_{t−1}: text, token ids, lengths, "
@@ -45,6 +46,9 @@ ARTIFACTS: tuple[tuple[str, str], ...] = (
     ("iter_t/policy/train_log.jsonl", "per optimizer step: loss, rewards, margin, accuracy, "
                                       "lr, α, length estimate"),
     ("iter_t/policy/train_summary.json", "steps, pairs, seconds, truncation, length control"),
+    ("iter_t/length_probe.jsonl", "with the length guard (lr_dpo holding π₀'s length): every "
+                                  "training attempt's samples on the probe prompts "
+                                  "(`attempt`); in iter_0/, π₀'s"),
     ("iter_t/eval_samples.jsonl", "π_t's answers to the eval prompts with score and gold"),
     ("iter_t/eval.json", "π_t's metrics row"),
     ("iter_t/judge.json", "with `eval.judge`: the LLM judge's verdict on π_t against the "
@@ -61,9 +65,9 @@ ARTIFACTS: tuple[tuple[str, str], ...] = (
                                    "scores against π₀'s, Δ ± se"),
 )
 # written only when the config asks for them
-OPTIONAL_ARTIFACTS = ("iter_t/judge.json", "iter_t/judgements.jsonl", "iter_t/alpaca_eval/",
-                      "judge_cache.jsonl", "iter_t/alignment_tax.json",
-                      "alignment_tax_summary.json")
+OPTIONAL_ARTIFACTS = ("iter_t/length_probe.jsonl", "iter_t/judge.json",
+                      "iter_t/judgements.jsonl", "iter_t/alpaca_eval/", "judge_cache.jsonl",
+                      "iter_t/alignment_tax.json", "alignment_tax_summary.json")
 
 
 class RunDir:
@@ -112,6 +116,9 @@ class RunDir:
 
     def train_summary(self, t: int) -> Path:
         return self.policy(t) / "train_summary.json"
+
+    def length_probe(self, t: int) -> Path:
+        return self.iteration(t) / "length_probe.jsonl"
 
     def eval_samples(self, t: int) -> Path:
         return self.iteration(t) / "eval_samples.jsonl"

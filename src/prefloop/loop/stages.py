@@ -193,6 +193,9 @@ def pair(ctx: Context, t: int) -> dict:
 
 
 def train(ctx: Context, t: int) -> dict:
+    """π_t from π_{t−1} on iteration t's pairs; under the length guard (`length_guard`), as
+    many trainings as it takes to bring π_t's measured length into its band (or the
+    closest of `length_guard.attempts`)."""
     from prefloop.data import pairs_from_rows
     from prefloop.models import load_tokenizer
     from prefloop.trainer import train_preferences
@@ -219,7 +222,12 @@ def train(ctx: Context, t: int) -> dict:
                                             "seed": cfg.training.seed + t}),
     )
     goal = length_goal(ctx, t) if cfg.loss.alpha_mode == "target" else None
-    result = train_preferences(train_cfg, pairs=pairs, progress=ctx.progress, length_goal=goal)
+    guard_info: dict = {}
+    if cfg.guarded:
+        result, guard_info = guarded_training(ctx, t, train_cfg, pairs, goal)
+    else:
+        result = train_preferences(train_cfg, pairs=pairs, progress=ctx.progress,
+                                   length_goal=goal)
     last = result.log[-1]
     info = {"steps": result.steps, "pairs": len(pairs), "truncation": stats.as_dict(),
             "final_loss": last["loss"], "final_accuracy": last["accuracy"],
@@ -229,8 +237,122 @@ def train(ctx: Context, t: int) -> dict:
         info.update(alpha=lc["alpha_first"], alpha_last=lc["alpha_last"],
                     alpha_mean=lc["alpha_mean"], alpha_mode=lc["mode"],
                     **{k: lc[k] for k in ("start_length", "target_length") if k in lc})
-        ctx.echo(f"iter {t}: " + _describe_alpha(lc, cfg.loss.length_unit, goal))
+        if not guard_info:
+            ctx.echo(f"iter {t}: " + _describe_alpha(lc, cfg.loss.length_unit, goal))
+    if guard_info:
+        info["length_guard"] = guard_info
     return info
+
+
+# ---------------------------------------------------------------- the length guard
+
+# The probe's samples draw from their own seed stream, the same for every policy (so that
+# π_t's and π₀'s probes are drawn alike): sampling.seed + PROBE_SEED_OFFSET.
+PROBE_SEED_OFFSET = 250
+
+
+def probe_prompts(prompts: list[PromptRecord], count: int, seed: int) -> list[PromptRecord]:
+    """The length guard's probe: `count` of the run's prompts (all when there are fewer),
+    drawn with `seed`, in the prompts' order."""
+    import random
+
+    if count >= len(prompts):
+        return list(prompts)
+    keep = sorted(random.Random(seed).sample(range(len(prompts)), count))
+    return [prompts[i] for i in keep]
+
+
+def probe(ctx: Context, t: int, policy: str | Path, desc: str) -> list[dict]:
+    """The probe's samples from `policy` (the run's sampling settings without
+    self-refinement, `length_guard.samples` per probe prompt, one seed for every policy)."""
+    cfg = ctx.cfg
+    sampling = replace(cfg.sampling, num_samples=cfg.length_guard.samples,
+                       seed=cfg.sampling.seed + PROBE_SEED_OFFSET, refine=RefineConfig())
+    return sample_prompts(str(policy), ctx.probe_prompts, sampling, ctx.procs,
+                          cfg.trust_remote_code, ctx.progress, desc)
+
+
+def mean_length(rows: list[dict], unit: str) -> float:
+    key = "num_chars" if unit == "chars" else "num_tokens"
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def initial_probe_length(ctx: Context) -> float:
+    """π₀'s mean length on the probe: sampled once into iter_0/length_probe.jsonl and read
+    from there while it holds the probe's prompts and sample count."""
+    cfg, run = ctx.cfg, ctx.run
+    path = run.length_probe(0)
+    expected = {(p.prompt_id, i) for p in ctx.probe_prompts
+                for i in range(cfg.length_guard.samples)}
+    rows = read_jsonl(path) if path.is_file() else []
+    if {(r["prompt_id"], r["sample_index"]) for r in rows} != expected \
+            or len(rows) != len(expected):
+        rows = probe(ctx, 0, run.policy_path(0), "π₀ length probe")
+        if ctx.procs.is_main:
+            io.write_jsonl(path, rows)
+        ctx.procs.barrier()
+    return mean_length(rows, cfg.loss.length_unit)
+
+
+def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
+                     goal) -> tuple:
+    """Train π_t, measure its length on the probe, and train again with α's scale moved
+    (`length_control.next_scale`) while it is outside the band; keep the attempt closest
+    to π₀'s length. Attempts train into iter_t/.policy.attempts/ (removed once one is kept,
+    and by a resume of an interrupted stage); every attempt's probe goes into
+    iter_t/length_probe.jsonl. Returns the kept attempt's TrainResult and what the
+    manifest records."""
+    import shutil
+
+    from prefloop.length_control import next_scale
+    from prefloop.trainer import train_preferences
+
+    cfg, run = ctx.cfg, ctx.run
+    guard, unit = cfg.length_guard, cfg.loss.length_unit
+    initial = initial_probe_length(ctx)
+    previous = ctx.manifest.stage(stage_key(t - 1, "train")).get("length_guard", {}) \
+        if t > 1 else {}
+    scale = float(previous.get("scale", 1.0))
+    attempts_dir = run.iteration(t) / ".policy.attempts"
+    if ctx.procs.is_main and attempts_dir.exists():  # an interrupted stage's
+        shutil.rmtree(attempts_dir)
+    ctx.procs.barrier()
+    tried: list[dict] = []
+    results, probe_rows = [], []
+    for a in range(guard.attempts):
+        out = attempts_dir / str(a)
+        result = train_preferences(replace(train_cfg, output_dir=str(out)), pairs=pairs,
+                                   progress=ctx.progress, length_goal=replace(goal, scale=scale))
+        rows = probe(ctx, t, out, f"iter {t} length probe")
+        length = mean_length(rows, unit)
+        lc = result.length_control
+        tried.append({"scale": scale, "length": length, "ratio": length / initial,
+                      "alpha_first": lc["alpha_first"], "alpha_mean": lc["alpha_mean"]})
+        results.append(result)
+        probe_rows += [{**r, "attempt": a} for r in rows]
+        inside = abs(length / initial - 1) <= guard.band
+        text = (f"iter {t}: " + _describe_alpha(lc, unit, goal) + f"; probe {length:.1f} "
+                f"{unit} = ×{length / initial:.3f} π₀'s ({initial:.1f})")
+        if inside or a + 1 == guard.attempts:
+            ctx.echo(text + ("" if inside else f", outside ±{guard.band:.0%} after "
+                             f"{guard.attempts} trainings: keeping the closest"))
+            break
+        scale = next_scale([(x["scale"], x["ratio"]) for x in tried])
+        ctx.echo(text + f", outside ±{guard.band:.0%}: training again with α scale "
+                        f"{scale:.3g}")
+    kept = min(range(len(tried)), key=lambda i: abs(math.log(tried[i]["ratio"])))
+    if ctx.procs.is_main:
+        io.write_jsonl(run.length_probe(t), probe_rows)
+        target = run.policy(t)
+        if target.exists():
+            shutil.rmtree(target)
+        (attempts_dir / str(kept)).rename(target)
+        shutil.rmtree(attempts_dir)
+    ctx.procs.barrier()
+    info = {"band": guard.band, "initial_length": initial, "attempts": tried, "kept": kept,
+            **{k: tried[kept][k] for k in ("scale", "length", "ratio")},
+            "in_band": abs(tried[kept]["ratio"] - 1) <= guard.band}
+    return replace(results[kept], output_dir=run.policy(t)), info
 
 
 def _describe_alpha(lc: dict, length_unit: str, goal) -> str:
@@ -301,6 +423,10 @@ def evaluate(ctx: Context, t: int) -> dict:
     if "target_length" in trained:
         record.update(length_target=trained["target_length"],
                       length_target_unit=cfg.loss.length_unit)
+    if "length_guard" in trained:
+        guard = trained["length_guard"]
+        record.update(trainings=len(guard["attempts"]), alpha_scale=guard["scale"],
+                      probe_ratio=guard["ratio"])
     if cfg.eval.judge is not None and (t or cfg.eval.judge_baseline):
         record.update(llm_judge(ctx, t, rows, baseline))
     io.write_jsonl(run.eval_samples(t), rows)
