@@ -144,6 +144,7 @@ def test_a_length_outside_the_band_is_trained_again_and_the_closest_kept(world, 
             assert len(rows) == 16
             assert attempt["length"] == pytest.approx(_mean_tokens(rows))
             assert attempt["ratio"] == pytest.approx(attempt["length"] / initial)
+            assert attempt["train_seconds"] > 0 and attempt["probe_seconds"] > 0
         # the first attempt starts from the previous iteration's kept scale, the others
         # from the rule; α at the first step is proportional to the scale
         assert tried[0]["scale"] == pytest.approx(previous_scale)

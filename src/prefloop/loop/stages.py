@@ -7,6 +7,7 @@ method names.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -323,11 +324,14 @@ def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
         out = attempts_dir / str(a)
         result = train_preferences(replace(train_cfg, output_dir=str(out)), pairs=pairs,
                                    progress=ctx.progress, length_goal=replace(goal, scale=scale))
+        probe_start = time.perf_counter()
         rows = probe(ctx, t, out, f"iter {t} length probe")
         length = mean_length(rows, unit)
         lc = result.length_control
         tried.append({"scale": scale, "length": length, "ratio": length / initial,
-                      "alpha_first": lc["alpha_first"], "alpha_mean": lc["alpha_mean"]})
+                      "alpha_first": lc["alpha_first"], "alpha_mean": lc["alpha_mean"],
+                      "train_seconds": round(result.seconds, 3),
+                      "probe_seconds": round(time.perf_counter() - probe_start, 3)})
         results.append(result)
         probe_rows += [{**r, "attempt": a} for r in rows]
         inside = abs(length / initial - 1) <= guard.band
