@@ -326,3 +326,24 @@ def test_headline_summary_edge_cases(tmp_path):
     empty = tmp_path / "empty_run"
     _write_jsonl(empty / "metrics.jsonl", [{"iteration": 0}])
     assert headline_summary(load_run(empty)) == "empty_run: no length or gold metrics yet"
+
+
+def test_length_plot_rings_the_iterations_the_length_guard_trained_again(tmp_path):
+    from prefloop.report import _plot_length
+
+    run = tmp_path / "guarded"
+    _write_jsonl(run / "metrics.jsonl", [
+        {"iteration": 0, "mean_tokens": 30.0},
+        {"iteration": 1, "mean_tokens": 31.0, "trainings": 1, "length_target": 30.0,
+         "length_target_unit": "tokens"},
+        {"iteration": 2, "mean_tokens": 30.5, "trainings": 3, "length_target": 30.0,
+         "length_target_unit": "tokens"},
+    ])
+    fig = _plot_length([load_run(run)])
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "guarded retrained by the length guard" in labels
+    rings = [c for c in ax.collections if c.get_label().endswith("length guard")]
+    assert rings[0].get_offsets().tolist() == [[2.0, 30.5]]  # only the retrained iteration
+    assert [t.get_text() for t in ax.texts] == ["×3"]
+    write_report([run])  # and the whole report renders with it

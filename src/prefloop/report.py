@@ -253,6 +253,20 @@ def _target_band(ax: Any, run: RunData, unit: str, colour: Any) -> None:
     ax.plot(xs, ys, ":", color=colour, lw=1)
 
 
+def _guard_retrainings(ax: Any, run: RunData, unit: str, colour: Any) -> None:
+    """Ring the iterations the length guard trained more than once, with their count."""
+    rows = [r for r in run.metrics
+            if (r.get("trainings") or 1) > 1 and r.get(f"mean_{unit}") is not None]
+    if not rows:
+        return
+    xs, ys = [r["iteration"] for r in rows], [r[f"mean_{unit}"] for r in rows]
+    ax.scatter(xs, ys, s=160, facecolors="none", edgecolors=colour, linewidths=1.5,
+               label=f"{run.name} retrained by the length guard")
+    for x, y, r in zip(xs, ys, rows, strict=True):
+        ax.annotate(f"×{r['trainings']}", (x, y), textcoords="offset points", xytext=(8, 6),
+                    fontsize="small", color=colour)
+
+
 def _plot_length(runs: Sequence[RunData]):
     units = [u for u in ("tokens", "chars") if any(r.has(f"mean_{u}") for r in runs)]
     if not units:
@@ -263,6 +277,7 @@ def _plot_length(runs: Sequence[RunData]):
             xs, ys = run.series(f"mean_{unit}")
             ax.plot(xs, ys, "o-", color=_colour(i), label=f"{run.name} mean")
             _target_band(ax, run, unit, _colour(i))
+            _guard_retrainings(ax, run, unit, _colour(i))
             xs, ys = run.series(f"median_{unit}")
             if xs:
                 ax.plot(xs, ys, "s--", color=_colour(i), alpha=0.6, label=f"{run.name} median")
