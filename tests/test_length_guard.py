@@ -12,7 +12,7 @@ import torch
 
 from prefloop.data import read_jsonl
 from prefloop.errors import PrefloopError
-from prefloop.length_control import next_scale
+from prefloop.length_control import kept_attempt, next_scale
 from prefloop.loop import load_run_config, run
 from tests.conftest import write_loop_world
 from tests.test_loop import _cli, _weights, base_args
@@ -48,6 +48,13 @@ def test_a_bracket_whose_length_rises_with_alpha_is_bisected():
 def test_one_retry_moves_the_scale_by_at_most_three_times():
     assert next_scale([(1.0, 3.0)]) == pytest.approx(3.0)
     assert next_scale([(1.0, 0.2)]) == pytest.approx(1 / 3)
+
+
+def test_an_attempt_in_the_band_is_kept_over_a_closer_one_in_log_outside_it():
+    # |ln 1.0505| = 0.0493 < |ln 0.951| = 0.0502, but only 0.951 is within ±5 %
+    assert kept_attempt([1.0505, 0.951], 0.05) == 1
+    assert kept_attempt([1.2, 0.9, 1.08], 0.05) == 2  # none inside: the closest
+    assert kept_attempt([1.04, 0.99], 0.05) == 1  # both inside: the closest
 
 
 @pytest.mark.parametrize("attempts", [[], [(0.0, 1.1)], [(1.0, -1.0)]])
@@ -198,11 +205,15 @@ def test_killed_inside_the_second_training_resumes_to_the_uninterrupted_run(worl
     killed_dir = tmp_path / "killed"
     # attempt 0 of iteration 1 passes a fault point per optimizer step and probe batch
     steps = len(read_jsonl(reference / "iter_1" / "policy" / "train_log.jsonl"))
+    # π₀'s probe (2 batches of 4 prompts), attempt 0 (its steps, its probe's 2 batches),
+    # then the second step of attempt 1
     killed = _cli(guard_args(world, killed_dir, *args),
-                  {"PREFLOOP_FAULT": "iter_1/train", "PREFLOOP_FAULT_AT": str(steps + 4)})
+                  {"PREFLOOP_FAULT": "iter_1/train", "PREFLOOP_FAULT_AT": str(steps + 6)})
     assert killed.returncode == -9, killed.stderr[-2000:]
     attempts = killed_dir / "iter_1" / ".policy.attempts"
     assert (attempts / "0" / "config.json").is_file(), "died after the first training"
+    assert (killed_dir / "iter_1" / ".policy.partial").is_dir(), "died in the second"
+    assert not (killed_dir / "iter_1" / "policy").exists()
     resumed = _cli([*guard_args(world, killed_dir, *args), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not attempts.exists()
@@ -229,3 +240,73 @@ def test_dry_run_says_what_the_guard_will_do(overrides, line, tmp_path):
     cfg = _run_cfg(f"prompts.path={tmp_path / 'p.jsonl'}", f"run_dir={tmp_path / 'run'}",
                    *overrides)
     assert dict(plan(cfg))["length guard"] == line
+
+
+def test_a_retry_that_fails_keeps_the_trainings_before_it(world, tmp_path, monkeypatch):
+    import prefloop.trainer
+
+    real, calls = prefloop.trainer.train_preferences, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise PrefloopError("step 3: the loss is not finite (nan)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prefloop.trainer, "train_preferences", second_fails)
+    run_dir = tmp_path / "run"
+    run(load_run_config(None, guard_args(world, run_dir, "iterations=1",
+                                         "length_guard.band=1e-9")), progress=False)
+    guard = json.loads((run_dir / "manifest.json").read_text())[
+        "stages"]["iter_1/train"]["length_guard"]
+    assert len(guard["attempts"]) == 1 and guard["kept"] == 0
+    assert "not finite" in guard["failed"]["error"]
+    assert guard["failed"]["scale"] == pytest.approx(
+        next_scale([(1.0, guard["attempts"][0]["ratio"])]))
+    log = read_jsonl(run_dir / "iter_1" / "policy" / "train_log.jsonl")
+    assert log[0]["alpha"] == pytest.approx(guard["attempts"][0]["alpha_first"])
+    assert not (run_dir / "iter_1" / ".policy.attempts").exists()
+    assert read_jsonl(run_dir / "metrics.jsonl")[1]["trainings"] == 1
+
+
+def test_the_kept_policy_records_its_own_directory(world, tmp_path):
+    run_dir = tmp_path / "run"
+    run(load_run_config(None, guard_args(world, run_dir, "iterations=1",
+                                         "length_guard.band=1e-9",
+                                         "length_guard.attempts=2")), progress=False)
+    text = (run_dir / "iter_1" / "policy" / "train_config.yaml").read_text()
+    assert f"output_dir: {run_dir / 'iter_1' / 'policy'}" in text and ".attempts" not in text
+
+
+def test_a_redo_with_other_sampling_samples_the_initial_probe_again(world, tmp_path):
+    run_dir = tmp_path / "run"
+    run(load_run_config(None, guard_args(world, run_dir, "iterations=1")), progress=False)
+    first = read_jsonl(run_dir / "iter_0" / "length_probe.jsonl")
+    run(load_run_config(None, guard_args(world, run_dir, "iterations=1",
+                                         "sampling.max_new_tokens=6")),
+        redo_from="iter_1/sample", progress=False)
+    again = read_jsonl(run_dir / "iter_0" / "length_probe.jsonl")
+    assert {r["settings"] for r in again} != {r["settings"] for r in first}
+    assert max(r["num_tokens"] for r in again) <= 6 < max(r["num_tokens"] for r in first)
+
+
+def test_a_run_recorded_before_the_guard_continues_without_it(tmp_path):
+    import yaml
+
+    from prefloop.config import to_dict
+    from prefloop.loop.rundir import RunDir, config_changes
+
+    old = tmp_path / "old"
+    old.mkdir()
+    cfg = _run_cfg("loss.name=lr_dpo", f"run_dir={old}")
+    recorded = to_dict(cfg)
+    del recorded["length_guard"]
+    (old / "config.yaml").write_text(yaml.safe_dump(recorded))
+    # today's default (the guard on) is a change for a run that ran without it …
+    assert config_changes(RunDir(old), cfg)[0] == ["length_guard.attempts: 0 → 3"]
+    # … the run directory alone continues it as it was, and so does saying so
+    loaded = load_run_config(str(old))
+    assert loaded.length_guard.attempts == 0 and not loaded.guarded
+    assert config_changes(RunDir(old), loaded)[0] == []
+    off = _run_cfg("loss.name=lr_dpo", f"run_dir={old}", "length_guard.attempts=0")
+    assert config_changes(RunDir(old), off)[0] == []

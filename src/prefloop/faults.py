@@ -21,8 +21,8 @@ SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT}
 
 def set_stage(key: str) -> None:
     """Record the stage now running (`iter_t/stage`); fault points and messages use it."""
-    global _current_stage
-    _current_stage = key
+    global _current_stage, _points_passed
+    _current_stage, _points_passed = key, 0
 
 
 def current_stage() -> str:

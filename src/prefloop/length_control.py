@@ -151,6 +151,15 @@ def next_scale(attempts: list[tuple[float, float]]) -> float:
     return math.exp(x + step)
 
 
+def kept_attempt(ratios: list[float], band: float) -> int:
+    """Which of the guard's attempts (their length ratios to the target) is kept: one in
+    the band, else the closest in ln r (of several in the band, the closest too)."""
+    import math
+
+    return min(range(len(ratios)), key=lambda i: (abs(ratios[i] - 1) > band,
+                                                  abs(math.log(ratios[i]))))
+
+
 @dataclass
 class AlphaController:
     """α of one training run; `alpha` is what the next loss evaluation uses.

@@ -286,22 +286,29 @@ class ConfigChanged(PrefloopError):
 WHERE_NOT_WHAT = ("name", "run_dir", "iterations")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# Options added with a default that changes what a run computes: a recorded config that
+# lacks one was run with the value here (the behaviour before the option existed), not with
+# today's default. Continuing such a run keeps that value (load_run_config fills it in), and
+# today's default counts as a change.
+LEGACY_VALUES = {"length_guard.attempts": 0}
 
 
 def config_changes(run: RunDir, cfg: Any) -> tuple[list[str], int]:
     """What differs between the run directory's config.yaml and `cfg`, as "key: old → new"
     (keys that do not change what a stage computes left out), and the recorded number of
     iterations. A key the recorded config lacks (an option added to prefloop after the run
-    started) is no change while it keeps its default: every option's default is the
-    behaviour from before the option existed."""
+    started) is no change while it keeps its default, which is the behaviour from before
+    the option existed, or while it has its `LEGACY_VALUES` value where the default is not."""
     import yaml
 
     from prefloop.config import to_dict
@@ -309,13 +316,13 @@ def config_changes(run: RunDir, cfg: Any) -> tuple[list[str], int]:
     if not run.config.is_file():
         raise PrefloopError(f"{run.root}: has manifest.json but no config.yaml; the run "
                             "directory is damaged (use a new run_dir)")
-    recorded = _flatten(yaml.safe_load(run.config.read_text()) or {})
-    current = _flatten(to_dict(cfg))
-    defaults = _flatten(to_dict(type(cfg)()))
+    recorded = flatten(yaml.safe_load(run.config.read_text()) or {})
+    current = flatten(to_dict(cfg))
+    defaults = {**flatten(to_dict(type(cfg)())), **LEGACY_VALUES}
+    recorded.update({k: defaults[k] for k in current if k not in recorded and k in defaults})
     changes = [f"{k}: {recorded.get(k, '(unset)')} → {current.get(k, '(unset)')}"
                for k in sorted(set(recorded) | set(current))
-               if k not in WHERE_NOT_WHAT and recorded.get(k) != current.get(k)
-               and not (k not in recorded and k in defaults and current[k] == defaults[k])]
+               if k not in WHERE_NOT_WHAT and recorded.get(k) != current.get(k)]
     return changes, int(recorded.get("iterations", cfg.iterations))
 
 

@@ -263,49 +263,69 @@ def probe_prompts(prompts: list[PromptRecord], count: int, seed: int) -> list[Pr
     return [prompts[i] for i in keep]
 
 
-def probe(ctx: Context, t: int, policy: str | Path, desc: str) -> list[dict]:
-    """The probe's samples from `policy` (the run's sampling settings without
-    self-refinement, `length_guard.samples` per probe prompt, one seed for every policy)."""
-    cfg = ctx.cfg
-    sampling = replace(cfg.sampling, num_samples=cfg.length_guard.samples,
-                       seed=cfg.sampling.seed + PROBE_SEED_OFFSET, refine=RefineConfig())
-    return sample_prompts(str(policy), ctx.probe_prompts, sampling, ctx.procs,
-                          cfg.trust_remote_code, ctx.progress, desc)
+def probe_sampling(cfg) -> SamplingConfig:
+    """The probe's sampling: the run's settings without self-refinement (π₀'s probe is
+    plain sampling too), `length_guard.samples` per prompt (at most `num_beams` under beam
+    search), one seed for every policy."""
+    samples = cfg.length_guard.samples
+    if cfg.sampling.num_beams > 1:
+        samples = min(samples, cfg.sampling.num_beams)
+    return replace(cfg.sampling, num_samples=samples, refine=RefineConfig(),
+                   seed=cfg.sampling.seed + PROBE_SEED_OFFSET)
 
 
-def mean_length(rows: list[dict], unit: str) -> float:
+def probe(ctx: Context, policy: str | Path, desc: str) -> list[dict]:
+    """The probe's samples from `policy`."""
+    return sample_prompts(str(policy), ctx.probe_prompts, probe_sampling(ctx.cfg), ctx.procs,
+                          ctx.cfg.trust_remote_code, ctx.progress, desc)
+
+
+def mean_length(rows: list[dict], unit: str, what: str) -> float:
+    """The rows' mean length in `unit` (> 0, else a PrefloopError naming `what`)."""
     key = "num_chars" if unit == "chars" else "num_tokens"
-    return sum(r[key] for r in rows) / len(rows)
+    mean = sum(r[key] for r in rows) / len(rows) if rows else 0.0
+    if mean <= 0:
+        raise PrefloopError(f"length_guard: {what}'s answers on the probe are empty (mean "
+                            f"length 0 {unit}); no length to compare")
+    return mean
 
 
 def initial_probe_length(ctx: Context) -> float:
-    """π₀'s mean length on the probe: sampled once into iter_0/length_probe.jsonl and read
-    from there while it holds the probe's prompts and sample count."""
+    """π₀'s mean length on the probe: sampled once into iter_0/length_probe.jsonl, every
+    row stamped with the settings it was drawn with (π₀, the probe's sampling and prompts),
+    and sampled again when those change (a redo with other settings)."""
+    import hashlib
+    import json
+
     cfg, run = ctx.cfg, ctx.run
     path = run.length_probe(0)
-    expected = {(p.prompt_id, i) for p in ctx.probe_prompts
-                for i in range(cfg.length_guard.samples)}
+    settings = hashlib.sha256(json.dumps(
+        {"policy": cfg.policy, "sampling": to_dict(probe_sampling(cfg)),
+         "prompts": [p.prompt_id for p in ctx.probe_prompts]}, sort_keys=True,
+        default=str).encode()).hexdigest()[:16]
     rows = read_jsonl(path) if path.is_file() else []
-    if {(r["prompt_id"], r["sample_index"]) for r in rows} != expected \
-            or len(rows) != len(expected):
-        rows = probe(ctx, 0, run.policy_path(0), "π₀ length probe")
+    if not rows or any(r.get("settings") != settings for r in rows):
+        rows = [{**r, "settings": settings}
+                for r in probe(ctx, run.policy_path(0), "π₀ length probe")]
         if ctx.procs.is_main:
             io.write_jsonl(path, rows)
         ctx.procs.barrier()
-    return mean_length(rows, cfg.loss.length_unit)
+    return mean_length(rows, cfg.loss.length_unit, "π₀")
 
 
 def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
                      goal) -> tuple:
-    """Train π_t, measure its length on the probe, and train again with α's scale moved
-    (`length_control.next_scale`) while it is outside the band; keep the attempt closest
-    to π₀'s length. Attempts train into iter_t/.policy.attempts/ (removed once one is kept,
-    and by a resume of an interrupted stage); every attempt's probe goes into
-    iter_t/length_probe.jsonl. Returns the kept attempt's TrainResult and what the
-    manifest records."""
+    """Train π_t into iter_t/policy, measure its length on the probe, and train again with
+    α's scale moved (`length_control.next_scale`) while it is outside the band; keep the
+    attempt in the band, else the closest to π₀'s length. Earlier attempts wait in
+    iter_t/.policy.attempts/ (removed once one is kept, and by a resume of an interrupted
+    stage, which trains them again); every attempt's probe goes into
+    iter_t/length_probe.jsonl. A retry that fails (a non-finite loss at a larger α, say)
+    ends the search with the attempts before it. Returns the kept attempt's TrainResult
+    and what the manifest records."""
     import shutil
 
-    from prefloop.length_control import next_scale
+    from prefloop.length_control import kept_attempt, next_scale
     from prefloop.trainer import train_preferences
 
     cfg, run = ctx.cfg, ctx.run
@@ -314,19 +334,31 @@ def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
     previous = ctx.manifest.stage(stage_key(t - 1, "train")).get("length_guard", {}) \
         if t > 1 else {}
     scale = float(previous.get("scale", 1.0))
-    attempts_dir = run.iteration(t) / ".policy.attempts"
+    policy, attempts_dir = run.policy(t), run.iteration(t) / ".policy.attempts"
     if ctx.procs.is_main and attempts_dir.exists():  # an interrupted stage's
         shutil.rmtree(attempts_dir)
     ctx.procs.barrier()
     tried: list[dict] = []
-    results, probe_rows = [], []
+    results, probe_rows, failed = [], [], None
     for a in range(guard.attempts):
-        out = attempts_dir / str(a)
-        result = train_preferences(replace(train_cfg, output_dir=str(out)), pairs=pairs,
-                                   progress=ctx.progress, length_goal=replace(goal, scale=scale))
-        probe_start = time.perf_counter()
-        rows = probe(ctx, t, out, f"iter {t} length probe")
-        length = mean_length(rows, unit)
+        if a:  # the previous attempt waits aside while this one trains into iter_t/policy
+            if ctx.procs.is_main:
+                attempts_dir.mkdir(exist_ok=True)
+                policy.rename(attempts_dir / str(a - 1))
+            ctx.procs.barrier()
+        try:
+            result = train_preferences(train_cfg, pairs=pairs, progress=ctx.progress,
+                                       length_goal=replace(goal, scale=scale))
+            probe_start = time.perf_counter()
+            rows = probe(ctx, policy, f"iter {t} length probe")
+            length = mean_length(rows, unit, f"π_{t}")
+        except PrefloopError as e:
+            if not a:
+                raise
+            failed = {"scale": scale, "error": str(e)}
+            ctx.echo(f"iter {t}: training again with α scale {scale:.3g} failed ({e}); "
+                     "keeping the closest of the trainings before it")
+            break
         lc = result.length_control
         tried.append({"scale": scale, "length": length, "ratio": length / initial,
                       "alpha_first": lc["alpha_first"], "alpha_mean": lc["alpha_mean"],
@@ -344,19 +376,23 @@ def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
         scale = next_scale([(x["scale"], x["ratio"]) for x in tried])
         ctx.echo(text + f", outside ±{guard.band:.0%}: training again with α scale "
                         f"{scale:.3g}")
-    kept = min(range(len(tried)), key=lambda i: abs(math.log(tried[i]["ratio"])))
+    kept = kept_attempt([x["ratio"] for x in tried], guard.band)
     if ctx.procs.is_main:
         io.write_jsonl(run.length_probe(t), probe_rows)
-        target = run.policy(t)
-        if target.exists():
-            shutil.rmtree(target)
-        (attempts_dir / str(kept)).rename(target)
-        shutil.rmtree(attempts_dir)
+        in_place = len(tried) - 1 if failed is None else None  # the one in iter_t/policy
+        if kept != in_place:
+            if policy.exists():
+                shutil.rmtree(policy)
+            (attempts_dir / str(kept)).rename(policy)
+        if attempts_dir.exists():
+            shutil.rmtree(attempts_dir)
     ctx.procs.barrier()
     info = {"band": guard.band, "initial_length": initial, "attempts": tried, "kept": kept,
             **{k: tried[kept][k] for k in ("scale", "length", "ratio")},
             "in_band": abs(tried[kept]["ratio"] - 1) <= guard.band}
-    return replace(results[kept], output_dir=run.policy(t)), info
+    if failed is not None:
+        info["failed"] = failed
+    return results[kept], info
 
 
 def _describe_alpha(lc: dict, length_unit: str, goal) -> str:
