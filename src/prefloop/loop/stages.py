@@ -370,8 +370,9 @@ def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
         text = (f"iter {t}: " + _describe_alpha(lc, unit, goal) + f"; probe {length:.1f} "
                 f"{unit} = ×{length / initial:.3f} π₀'s ({initial:.1f})")
         if inside or a + 1 == guard.attempts:
-            ctx.echo(text + ("" if inside else f", outside ±{guard.band:.0%} after "
-                             f"{guard.attempts} trainings: keeping the closest"))
+            ctx.echo(text + (f", within ±{guard.band:.0%}" if inside else
+                             f", outside ±{guard.band:.0%} after {guard.attempts} trainings: "
+                             "keeping the closest"))
             break
         scale = next_scale([(x["scale"], x["ratio"]) for x in tried])
         ctx.echo(text + f", outside ±{guard.band:.0%}: training again with α scale "
