@@ -34,7 +34,7 @@ def summary_rows(results, seeds) -> list[str]:
         ratios = ", ".join(f"{out.ratio(r)[0]:.2f}" for r in ilr)
         alphas = ", ".join(f"{r.get('alpha_mean', r.get('alpha', float('nan'))):.3f}"
                            for r in ilr)
-        checks = result.checks()[-4:]
+        checks = out.checks()
         met = sum(ok for _, ok in checks)
         missed = "; ".join(text.split(" (")[0] for text, ok in checks if not ok)
         lines.append(

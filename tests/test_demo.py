@@ -236,6 +236,12 @@ def test_outcome_checks_compute_the_story_from_numbers():
     metrics["ilr-dpo"][1]["mean_tokens"] = 19.0
     metrics["ilr-dpo"][2]["gold_accuracy"] = 0.47  # +7 over SFT, and 2 above iDPO
     assert [ok for _, ok in Outcome.of(metrics).checks()] == [True, True, False, True]
+    # a demo of only one of the runs (`runs=`) checks what concerns it (this was a KeyError)
+    only = Outcome.of({"ilr-dpo": metrics["ilr-dpo"]}).checks()
+    assert [text.split(" (")[0] for text, _ in only] == [
+        "ilr-dpo length within ±10% of SFT at every iteration", "ilr-dpo gold ≥ SFT + 8"]
+    assert [text.split(" (")[0] for text, _ in Outcome.of({"idpo": metrics["idpo"]}).checks()
+            ] == ["idpo length ≥ 1.4× SFT"]
 
 
 def test_export_refuses_a_non_empty_directory_before_building(tmp_path, monkeypatch):

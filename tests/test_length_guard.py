@@ -88,6 +88,9 @@ def test_length_guard_misuse_is_refused(overrides, message):
 @pytest.mark.parametrize("overrides,guarded", [
     (["loss.name=lr_dpo"], True), (["loss.name=lr_dpo", "length_guard.attempts=0"], False),
     (["loss.name=dpo"], False), (["loss.name=lr_dpo", "loss.length_control.target=30"], False),
+    # turning off a guard that does not apply is not refused
+    (["loss.name=dpo", "length_guard.attempts=0"], False),
+    (["loss.name=lr_dpo", "loss.length_control.target=30", "length_guard.attempts=0"], False),
 ])
 def test_the_guard_is_on_by_default_where_it_applies(overrides, guarded):
     cfg = _run_cfg(*overrides)
@@ -231,6 +234,12 @@ def test_killed_inside_the_second_training_resumes_to_the_uninterrupted_run(worl
     (["loss.name=lr_dpo"], "π_t's length on 256 prompts × 4 samples within ±5% of π₀'s, "
                            "≤ 3 trainings per iteration"),
     (["loss.name=lr_dpo", "length_guard.attempts=0"], "off (length_guard.attempts=0)"),
+    (["loss.name=lr_dpo", "length_guard.attempts=1", "length_guard.band=0.002"],
+     "π_t's length on 256 prompts × 4 samples measured against π₀'s, never retrained "
+     "(length_guard.attempts=1)"),
+    (["loss.name=lr_dpo", "length_guard.attempts=2", "length_guard.band=0.002"],
+     "π_t's length on 256 prompts × 4 samples within ±0.2% of π₀'s, ≤ 2 trainings per "
+     "iteration"),
     (["loss.name=dpo"], "does not apply (lr_dpo holding π₀'s length only)"),
 ])
 def test_dry_run_says_what_the_guard_will_do(overrides, line, tmp_path):
@@ -310,3 +319,25 @@ def test_a_run_recorded_before_the_guard_continues_without_it(tmp_path):
     assert config_changes(RunDir(old), loaded)[0] == []
     off = _run_cfg("loss.name=lr_dpo", f"run_dir={old}", "length_guard.attempts=0")
     assert config_changes(RunDir(old), off)[0] == []
+
+
+def test_a_run_extended_over_a_grown_prompt_file_keeps_its_probe(world, tmp_path):
+    """`prefloop demo iterations=3` rewrites its prompt file with more prompts and extends
+    the run: the probe (and π₀'s length on it) must stay the one iterations 1–2 used."""
+    rows = read_jsonl(world / "prompts.jsonl")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
+    run_dir = tmp_path / "run"
+    args = [*guard_args(world, run_dir), f"prompts.path={prompts}"]
+    run(load_run_config(None, args), progress=False)
+    before = (run_dir / "iter_0" / "length_probe.jsonl").read_bytes()
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows[:24]))
+    run(load_run_config(None, [*args, "iterations=3"]), resume=True, progress=False)
+    assert (run_dir / "iter_0" / "length_probe.jsonl").read_bytes() == before
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    initial = {manifest["stages"][f"iter_{t}/train"]["length_guard"]["initial_length"]
+               for t in (1, 2, 3)}
+    assert len(initial) == 1
+    ids = {r["prompt_id"] for r in read_jsonl(run_dir / "iter_0" / "length_probe.jsonl")}
+    assert ids == {r["prompt_id"] for r in read_jsonl(run_dir / "iter_3" /
+                                                      "length_probe.jsonl")}

@@ -507,23 +507,30 @@ class Outcome:
 
     def checks(self, plain: str = "idpo", regularised: str = "ilr-dpo") -> list[tuple[str, bool]]:
         """The testbed's story as pass/fail lines: iDPO gets longer, iLR-DPO gets better
-        and stays in the length band at every iteration."""
+        and stays in the length band at every iteration. A line about a run the demo did
+        not make (`runs=` without it) is left out."""
         sft_gold, sft_se = self.sft_gold
-        ratio_p, se_p = self.ratio(self.runs[plain][-1])
-        ratios = [self.ratio(r) for r in self.runs[regularised]]
-        gold_r, se_r = _gold(self.runs[regularised][-1])
-        gold_p, se_gp = _gold(self.runs[plain][-1])
-        shown = ", ".join(f"{r:.2f}±{se:.2f}" for r, se in ratios)
-        return [
-            (f"{plain} length ≥ {IDPO_MIN_GROWTH}× SFT ({ratio_p:.2f}±{se_p:.2f}×)",
-             ratio_p >= IDPO_MIN_GROWTH),
-            (f"{regularised} length within ±{LENGTH_BAND:.0%} of SFT at every iteration "
-             f"({shown}×)", all(abs(r - 1) <= LENGTH_BAND for r, _ in ratios)),
-            (f"{regularised} gold ≥ SFT + {GOLD_GAIN:g} ({gold_r:.1f}±{se_r:.1f} vs "
-             f"{sft_gold:.1f}±{sft_se:.1f})", gold_r >= sft_gold + GOLD_GAIN),
-            (f"{regularised} gold ≥ {plain} − {GOLD_SLACK:g} ({gold_r:.1f}±{se_r:.1f} vs "
-             f"{gold_p:.1f}±{se_gp:.1f})", gold_r >= gold_p - GOLD_SLACK),
-        ]
+        lines = []
+        if plain in self.runs:
+            ratio_p, se_p = self.ratio(self.runs[plain][-1])
+            gold_p, se_gp = _gold(self.runs[plain][-1])
+            lines.append((f"{plain} length ≥ {IDPO_MIN_GROWTH}× SFT ({ratio_p:.2f}±"
+                          f"{se_p:.2f}×)", ratio_p >= IDPO_MIN_GROWTH))
+        if regularised in self.runs:
+            ratios = [self.ratio(r) for r in self.runs[regularised]]
+            gold_r, se_r = _gold(self.runs[regularised][-1])
+            shown = ", ".join(f"{r:.2f}±{se:.2f}" for r, se in ratios)
+            lines += [
+                (f"{regularised} length within ±{LENGTH_BAND:.0%} of SFT at every iteration "
+                 f"({shown}×)", all(abs(r - 1) <= LENGTH_BAND for r, _ in ratios)),
+                (f"{regularised} gold ≥ SFT + {GOLD_GAIN:g} ({gold_r:.1f}±{se_r:.1f} vs "
+                 f"{sft_gold:.1f}±{sft_se:.1f})", gold_r >= sft_gold + GOLD_GAIN),
+            ]
+            if plain in self.runs:
+                lines.append((f"{regularised} gold ≥ {plain} − {GOLD_SLACK:g} ({gold_r:.1f}"
+                              f"±{se_r:.1f} vs {gold_p:.1f}±{se_gp:.1f})",
+                              gold_r >= gold_p - GOLD_SLACK))
+        return lines
 
 
 def _gold(record: dict) -> tuple[float, float]:

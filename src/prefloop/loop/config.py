@@ -163,7 +163,7 @@ class RunConfig:
             return
         changed = [f.name for f in fields(LengthGuardConfig)
                    if getattr(self.length_guard, f.name) != getattr(LengthGuardConfig(), f.name)]
-        if changed:
+        if changed and self.length_guard.attempts != 0:  # saying "off" is always fine
             why = ("a user-given loss.length_control.target is approached over iterations, "
                    "not held" if self.loss.alpha_mode == "target" else
                    f"loss {self.loss.name} with α mode {self.loss.alpha_mode!r} holds no "

@@ -54,7 +54,8 @@ def drive(ctx: Context, resume: bool = False, redo_from: str | None = None,
     ctx.eval_prompts = load_prompts(cfg.eval.prompts, "eval.prompts") \
         if cfg.eval.prompts.path else []
     if cfg.guarded:
-        ctx.probe_prompts = stages.probe_prompts(prompts, cfg.length_guard.prompts, cfg.seed)
+        ctx.probe_prompts = stages.probe_prompts(prompts, cfg.length_guard.prompts, cfg.seed,
+                                                 stages.recorded_probe_ids(run))
     result = RunResult(run.root, [], main=ctx.procs.is_main)
     scored = method(cfg.pairing.strategy).scored
 

@@ -77,8 +77,11 @@ def _describe_guard(cfg: RunConfig) -> str:
         return "does not apply (lr_dpo holding π₀'s length only)"
     if not cfg.guarded:
         return "off (length_guard.attempts=0)"
-    return (f"π_t's length on {g.prompts} prompts × {g.samples} samples within ±{g.band:.0%} "
-            f"of π₀'s, ≤ {g.attempts} trainings per iteration")
+    if g.attempts == 1:
+        return (f"π_t's length on {g.prompts} prompts × {g.samples} samples measured against "
+                "π₀'s, never retrained (length_guard.attempts=1)")
+    return (f"π_t's length on {g.prompts} prompts × {g.samples} samples within "
+            f"±{100 * g.band:g}% of π₀'s, ≤ {g.attempts} trainings per iteration")
 
 
 def _describe_judge(cfg: RunConfig) -> str:

@@ -252,15 +252,29 @@ def train(ctx: Context, t: int) -> dict:
 PROBE_SEED_OFFSET = 250
 
 
-def probe_prompts(prompts: list[PromptRecord], count: int, seed: int) -> list[PromptRecord]:
+def probe_prompts(prompts: list[PromptRecord], count: int, seed: int,
+                  recorded: list[str] = ()) -> list[PromptRecord]:
     """The length guard's probe: `count` of the run's prompts (all when there are fewer),
-    drawn with `seed`, in the prompts' order."""
+    drawn with `seed`, in the prompts' order. Once drawn it stays fixed: `recorded` (the
+    prompt ids of π₀'s probe on disk) is kept while it has `count` prompts that are all
+    still there, so that a run extended over a grown prompt file keeps its probe."""
     import random
 
+    by_id = {p.prompt_id: p for p in prompts}
+    if recorded and len(recorded) == count and all(i in by_id for i in recorded):
+        return [by_id[i] for i in recorded]
     if count >= len(prompts):
         return list(prompts)
     keep = sorted(random.Random(seed).sample(range(len(prompts)), count))
     return [prompts[i] for i in keep]
+
+
+def recorded_probe_ids(run: RunDir) -> list[str]:
+    """The prompt ids of π₀'s probe on disk, in order (none before the first guarded
+    iteration)."""
+    path = run.length_probe(0)
+    ids = [r["prompt_id"] for r in read_jsonl(path)] if path.is_file() else []
+    return list(dict.fromkeys(ids))
 
 
 def probe_sampling(cfg) -> SamplingConfig:
@@ -370,12 +384,12 @@ def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
         text = (f"iter {t}: " + _describe_alpha(lc, unit, goal) + f"; probe {length:.1f} "
                 f"{unit} = ×{length / initial:.3f} π₀'s ({initial:.1f})")
         if inside or a + 1 == guard.attempts:
-            ctx.echo(text + (f", within ±{guard.band:.0%}" if inside else
-                             f", outside ±{guard.band:.0%} after {guard.attempts} trainings: "
+            ctx.echo(text + (f", within ±{100 * guard.band:g}%" if inside else
+                             f", outside ±{100 * guard.band:g}% after {guard.attempts} trainings: "
                              "keeping the closest"))
             break
         scale = next_scale([(x["scale"], x["ratio"]) for x in tried])
-        ctx.echo(text + f", outside ±{guard.band:.0%}: training again with α scale "
+        ctx.echo(text + f", outside ±{100 * guard.band:g}%: training again with α scale "
                         f"{scale:.3g}")
     kept = kept_attempt([x["ratio"] for x in tried], guard.band)
     if ctx.procs.is_main:
