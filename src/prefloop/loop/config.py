@@ -231,14 +231,11 @@ def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> RunConfi
         if not (Path(path) / "config.yaml").is_file():
             raise PrefloopError(f"{path}: a directory without config.yaml is not a prefloop "
                                 "run directory")
-        import yaml
+        from prefloop.loop.rundir import legacy_overrides
 
-        from prefloop.loop.rundir import LEGACY_VALUES, flatten
-
-        recorded = flatten(yaml.safe_load((Path(path) / "config.yaml").read_text()) or {})
-        legacy = [f"{k}={v}" for k, v in LEGACY_VALUES.items() if k not in recorded]
-        return load_config(RunConfig, Path(path) / "config.yaml",
-                           [f"run_dir={path}", *legacy, *overrides])
+        recorded = Path(path) / "config.yaml"
+        return load_config(RunConfig, recorded,
+                           [f"run_dir={path}", *legacy_overrides(recorded), *overrides])
     return load_config(RunConfig, path, list(overrides))
 
 

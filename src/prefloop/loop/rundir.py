@@ -303,6 +303,15 @@ def flatten(d: dict, prefix: str = "") -> dict:
 LEGACY_VALUES = {"length_guard.attempts": 0}
 
 
+def legacy_overrides(config_path: Path) -> list[str]:
+    """`key=value` for every `LEGACY_VALUES` key the recorded config at `config_path` lacks:
+    what continuing that run as it was needs on top of today's defaults."""
+    import yaml
+
+    recorded = flatten(yaml.safe_load(config_path.read_text()) or {})
+    return [f"{k}={v}" for k, v in LEGACY_VALUES.items() if k not in recorded]
+
+
 def config_changes(run: RunDir, cfg: Any) -> tuple[list[str], int]:
     """What differs between the run directory's config.yaml and `cfg`, as "key: old → new"
     (keys that do not change what a stage computes left out), and the recorded number of

@@ -294,10 +294,15 @@ def probe(ctx: Context, policy: str | Path, desc: str) -> list[dict]:
                           ctx.cfg.trust_remote_code, ctx.progress, desc)
 
 
-def mean_length(rows: list[dict], unit: str, what: str) -> float:
-    """The rows' mean length in `unit` (> 0, else a PrefloopError naming `what`)."""
+def mean_length(rows: list[dict], unit: str) -> float:
+    """The sample rows' mean length in `unit` (tokens | chars); 0 without rows."""
     key = "num_chars" if unit == "chars" else "num_tokens"
-    mean = sum(r[key] for r in rows) / len(rows) if rows else 0.0
+    return sum(r[key] for r in rows) / len(rows) if rows else 0.0
+
+
+def probe_length(rows: list[dict], unit: str, what: str) -> float:
+    """The probe's mean length (> 0, else a PrefloopError naming `what`)."""
+    mean = mean_length(rows, unit)
     if mean <= 0:
         raise PrefloopError(f"length_guard: {what}'s answers on the probe are empty (mean "
                             f"length 0 {unit}); no length to compare")
@@ -324,7 +329,7 @@ def initial_probe_length(ctx: Context) -> float:
         if ctx.procs.is_main:
             io.write_jsonl(path, rows)
         ctx.procs.barrier()
-    return mean_length(rows, cfg.loss.length_unit, "π₀")
+    return probe_length(rows, cfg.loss.length_unit, "π₀")
 
 
 def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
@@ -365,7 +370,7 @@ def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
                                        length_goal=replace(goal, scale=scale))
             probe_start = time.perf_counter()
             rows = probe(ctx, policy, f"iter {t} length probe")
-            length = mean_length(rows, unit, f"π_{t}")
+            length = probe_length(rows, unit, f"π_{t}")
         except PrefloopError as e:
             if not a:
                 raise
@@ -431,14 +436,12 @@ def length_goal(ctx: Context, t: int):
 
     unit = ctx.cfg.loss.length_unit
 
-    def mean_length(it: int) -> float:
-        key = "num_chars" if unit == "chars" else "num_tokens"
-        rows = [r for r in read_jsonl(ctx.run.samples(it))
-                if r.get("source", "policy") == "policy"]
-        return sum(r[key] for r in rows) / len(rows)
+    def sampled(it: int) -> float:
+        return mean_length([r for r in read_jsonl(ctx.run.samples(it))
+                            if r.get("source", "policy") == "policy"], unit)
 
-    target = ctx.cfg.loss.length_control.target or mean_length(1)
-    start = mean_length(t)
+    target = ctx.cfg.loss.length_control.target or sampled(1)
+    start = sampled(t)
     if min(start, target) <= 0:
         raise PrefloopError(f"loss.length_control: the sampled answers are empty (mean "
                             f"length {start} {unit}, target {target}); no length to hold")
