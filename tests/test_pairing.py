@@ -448,3 +448,13 @@ def test_rejection_sampling_accounting(groups, options, num_accepted, beta):
     assert stats.rso_accepted + stats.rso_rejected == sum(len(g) for g in groups)
     total = stats.online_pairs + stats.ties_dropped + stats.below_margin_dropped
     assert total == sum(comb(k, 2) for k in kept)
+
+
+def test_sppo_scores_whose_win_probabilities_are_equal_in_float_are_a_tie():
+    """Found by the property test above in CI: scores 0 and 2.2e-311 differ, but σ of their
+    difference is 0.5 either way, so SPPO's two targets were equal (nothing to train)."""
+    rows = to_rows([[(0.0, 1), (2.225073858507e-311, 1)], [(0.0, 1), (1.0, 2)]])
+    pairs, stats = make_pairs(rows, PairingConfig(strategy="sppo"))
+    assert [p["prompt_id"] for p in pairs] == [rows[2]["prompt_id"]]
+    assert stats.ties_dropped == 1 and stats.online_pairs == 1
+    assert pairs[0]["rejected_target"] < pairs[0]["chosen_target"]

@@ -649,8 +649,14 @@ def _scored_pairs(groups: dict[str, list[dict]], config: PairingConfig,
             if shaped[w] - shaped[lo] < config.min_margin:
                 stats.below_margin_dropped += 1
                 continue
-            row = _pair_row(samples[w], samples[lo], shaped[w], shaped[lo])
-            pairs.append(_annotate(row, config, samples, shaped, w, lo))
+            row = _annotate(_pair_row(samples[w], samples[lo], shaped[w], shaped[lo]),
+                            config, samples, shaped, w, lo)
+            if row.get("chosen_target", 1.0) <= row.get("rejected_target", 0.0):
+                # scores a hair apart (1e-311) whose win probabilities are equal in float:
+                # no preference left to train SPPO on, a tie like equal scores
+                stats.ties_dropped += 1
+                continue
+            pairs.append(row)
     stats.online_pairs = len(pairs)
     if pairs:
         stats.mean_score_gap = float(
