@@ -278,6 +278,22 @@ def test_a_retry_that_fails_keeps_the_trainings_before_it(world, tmp_path, monke
     assert read_jsonl(run_dir / "metrics.jsonl")[1]["trainings"] == 1
 
 
+def test_a_guard_whose_alpha_stays_zero_stops_after_one_training(world, tmp_path):
+    # pairs whose winner is always the shorter answer: the length-neutral root is 0 and the
+    # policy shortens, which no α ≥ 0 can undo, so a larger or smaller scale would train
+    # the same model again (it did, twice per iteration, before the guard checked)
+    run_dir = tmp_path / "run"
+    run(load_run_config(None, guard_args(world, run_dir, "iterations=1",
+                                         "pairing.length_penalty=1000",
+                                         "length_guard.band=1e-9")), progress=False)
+    guard = json.loads((run_dir / "manifest.json").read_text())[
+        "stages"]["iter_1/train"]["length_guard"]
+    assert len(guard["attempts"]) == 1 and guard["stopped"] == "alpha_zero"
+    assert guard["attempts"][0]["alpha_mean"] == 0 and guard["in_band"] is False
+    assert read_jsonl(run_dir / "metrics.jsonl")[1]["trainings"] == 1
+    assert {r["attempt"] for r in read_jsonl(run_dir / "iter_1" / "length_probe.jsonl")} == {0}
+
+
 def test_the_kept_policy_records_its_own_directory(world, tmp_path):
     run_dir = tmp_path / "run"
     run(load_run_config(None, guard_args(world, run_dir, "iterations=1",
@@ -297,6 +313,18 @@ def test_a_redo_with_other_sampling_samples_the_initial_probe_again(world, tmp_p
     again = read_jsonl(run_dir / "iter_0" / "length_probe.jsonl")
     assert {r["settings"] for r in again} != {r["settings"] for r in first}
     assert max(r["num_tokens"] for r in again) <= 6 < max(r["num_tokens"] for r in first)
+
+
+def test_a_redo_without_the_guard_leaves_no_probe_of_the_guarded_training(world, tmp_path):
+    run_dir = tmp_path / "run"
+    run(load_run_config(None, guard_args(world, run_dir, "iterations=1")), progress=False)
+    assert (run_dir / "iter_1" / "length_probe.jsonl").is_file()
+    run(load_run_config(None, guard_args(world, run_dir, "iterations=1",
+                                         "length_guard.attempts=0")),
+        redo_from="iter_1/train", progress=False)
+    assert not (run_dir / "iter_1" / "length_probe.jsonl").exists()
+    assert "length_guard" not in json.loads((run_dir / "manifest.json").read_text())[
+        "stages"]["iter_1/train"]
 
 
 def test_a_run_recorded_before_the_guard_continues_without_it(tmp_path):

@@ -64,6 +64,7 @@ the other side of the target (regula falsi) once there is one, and until then e 
 (the testbed at 2× the learning rate: −0.33 to −0.53 between attempts ×1.3–1.5 apart).
 One retry moves s by at most ×3. The attempt closest to the target is kept, and the next
 iteration starts from its s: a learning rate that needs more α needs it every iteration.
+A training whose α was 0 at every step ends the search: s multiplies c·root, which was 0.
 """
 
 from __future__ import annotations

@@ -227,6 +227,8 @@ def train(ctx: Context, t: int) -> dict:
     if cfg.guarded:
         result, guard_info = guarded_training(ctx, t, train_cfg, pairs, goal)
     else:
+        if ctx.procs.is_main:  # a guarded run's, redone without the guard
+            run.length_probe(t).unlink(missing_ok=True)
         result = train_preferences(train_cfg, pairs=pairs, progress=ctx.progress,
                                    length_goal=goal)
     last = result.log[-1]
@@ -358,7 +360,7 @@ def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
         shutil.rmtree(attempts_dir)
     ctx.procs.barrier()
     tried: list[dict] = []
-    results, probe_rows, failed = [], [], None
+    results, probe_rows, failed, stopped = [], [], None, None
     for a in range(guard.attempts):
         if a:  # the previous attempt waits aside while this one trains into iter_t/policy
             if ctx.procs.is_main:
@@ -393,6 +395,13 @@ def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
                              f", outside ±{100 * guard.band:g}% after {guard.attempts} trainings: "
                              "keeping the closest"))
             break
+        if lc["alpha_mean"] == 0:
+            # α = max(0, s·c·root + λ) was 0 at every step: the pairs left no length gap to
+            # weigh (pairing.length_penalty, say), so no scale would train differently
+            stopped = "alpha_zero"
+            ctx.echo(text + f", outside ±{100 * guard.band:g}%, but α was 0 at every step, "
+                            "so its scale cannot move the length: keeping this training")
+            break
         scale = next_scale([(x["scale"], x["ratio"]) for x in tried])
         ctx.echo(text + f", outside ±{100 * guard.band:g}%: training again with α scale "
                         f"{scale:.3g}")
@@ -412,6 +421,8 @@ def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
             "in_band": abs(tried[kept]["ratio"] - 1) <= guard.band}
     if failed is not None:
         info["failed"] = failed
+    if stopped is not None:
+        info["stopped"] = stopped
     return results[kept], info
 
 
