@@ -3,10 +3,14 @@
     python scripts/demo_tables.py                         # seeds 0 1 2, the demo's defaults
     python scripts/demo_tables.py --seeds 0 1 2 lr=1e-4   # any DemoConfig key=value
     python scripts/demo_tables.py --out runs/readme-lr1e-4 lr=1e-4
+    python scripts/demo_tables.py --trainings 3           # + 2 more trainings per seed
 
 Runs (or resumes: finished runs are only re-read) `prefloop demo` once per seed in
 `--out/seed-S` and prints one summary row per seed, then seed by seed the per-iteration
-table. The same numbers `prefloop demo` prints, in the README's layout.
+table. The same numbers `prefloop demo` prints, in the README's layout. With
+`--trainings N`, each seed's loops are also trained N − 1 more times on the same testbed
+(training seeds S + 1000, S + 2000, …, in `--out/seed-S-train-K`), and a last table gives
+the claims over the N trainings (`prefloop.demo.over_trainings`).
 """
 
 from __future__ import annotations
@@ -68,6 +72,34 @@ def run_rows(results, seeds) -> list[str]:
     return lines
 
 
+def training_seed(seed: int, k: int) -> int:
+    """The training seed of a seed's k-th training (k = 0: the seed itself)."""
+    return seed + 1000 * k
+
+
+def training_rows(per_seed: dict[int, list]) -> list[str]:
+    """One row per seed: each training's gold at the last iteration, and the claims over
+    the trainings."""
+    from prefloop.demo import Outcome, over_trainings
+
+    lines = ["| seed | training seeds | iDPO gold % t=3 | iLR-DPO gold % t=3 | "
+             "iLR-DPO × SFT, every t | checks met over the trainings |",
+             "|---|---|---|---|---|---|"]
+    for seed, results in per_seed.items():
+        outs = [Outcome.of(r.metrics) for r in results]
+        golds = {name: ", ".join(f"{100 * o.runs[name][-1]['gold_accuracy']:.1f}"
+                                 for o in outs) for name in ("idpo", "ilr-dpo")}
+        ratios = [o.ratio(r)[0] for o in outs for r in o.runs["ilr-dpo"]]
+        checks = over_trainings(outs)
+        missed = "; ".join(text.split(" (")[0] for text, ok in checks if not ok)
+        seeds = ", ".join(str(training_seed(seed, k)) for k in range(len(outs)))
+        lines.append(f"| {seed} | {seeds} | {golds['idpo']} | {golds['ilr-dpo']} | "
+                     f"{min(ratios):.2f}–{max(ratios):.2f} | {sum(ok for _, ok in checks)}/4"
+                     + (f" (✗ {missed})" if missed else "") + " |")
+        lines += [f"|  | {'✓' if ok else '✗'} {text} | | | | |" for text, ok in checks]
+    return lines
+
+
 def iteration_rows(result) -> list[str]:
     from prefloop.demo import COLUMNS, comparison_rows
 
@@ -78,8 +110,10 @@ def iteration_rows(result) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dataclasses import replace
+
     from prefloop.config import load_config
-    from prefloop.demo import DemoConfig, run_seeds
+    from prefloop.demo import DemoConfig, run_demo, run_seeds
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -89,8 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     parser.add_argument("--by-run", action="store_true",
                         help="one row per run and seed (for demos with several lr_dpo runs)")
+    parser.add_argument("--trainings", type=int, default=1, metavar="N",
+                        help="train each seed's loops N times (training seeds S, S+1000, …) "
+                             "and add the claims over the N trainings")
     parser.add_argument("overrides", nargs="*", help="DemoConfig key=value")
     args = parser.parse_args(argv)
+    if args.trainings < 1:
+        parser.error("--trainings: must be ≥ 1")
     cfg = load_config(DemoConfig, None, args.overrides)
     cfg.out_dir = args.out
     if not args.progress:
@@ -102,8 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         logging.set_verbosity_error()
     start = time.perf_counter()
     results = run_seeds(cfg, args.seeds, progress=args.progress, echo=lambda *a, **k: None)
+    per_seed = {seed: [result] for seed, result in zip(args.seeds, results, strict=True)}
+    for seed in args.seeds:
+        for k in range(1, args.trainings):
+            out = Path(args.out) / f"seed-{seed}-train-{k}"
+            per_seed[seed].append(run_demo(replace(
+                cfg, seed=seed, training_seed=training_seed(seed, k), out_dir=str(out)),
+                progress=args.progress, echo=lambda *a, **k: None))
+    trainings = f" --trainings {args.trainings}" if args.trainings > 1 else ""
     print(f"<!-- python scripts/demo_tables.py --seeds {' '.join(map(str, args.seeds))} "
-          f"--out {args.out} {' '.join(args.overrides)}; {time.perf_counter() - start:.0f} s -->")
+          f"--out {args.out}{trainings} {' '.join(args.overrides)}; "
+          f"{time.perf_counter() - start:.0f} s -->")
     if args.by_run:
         print("\n".join(run_rows(results, args.seeds)))
         return 0
@@ -111,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed, result in zip(args.seeds, results, strict=True):
         print(f"\nseed {seed}:\n")
         print("\n".join(iteration_rows(result)))
+    if args.trainings > 1:
+        print(f"\nover {args.trainings} trainings of each seed's loops:\n")
+        print("\n".join(training_rows(per_seed)))
     return 0
 
 

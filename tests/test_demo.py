@@ -244,6 +244,74 @@ def test_outcome_checks_compute_the_story_from_numbers():
             ] == ["idpo length ≥ 1.4× SFT"]
 
 
+def _story(idpo: list[tuple[float, float]], ilr: list[tuple[float, float]]) -> dict:
+    """metrics of one training: SFT at 40 % / 20 tokens, then (gold, tokens) per iteration."""
+    def recs(values):
+        return [{"iteration": t, "gold_accuracy": g, "gold_accuracy_se": 0.01,
+                 "mean_tokens": n, "mean_tokens_se": 0.5}
+                for t, (g, n) in enumerate([(0.4, 20.0), *values])]
+
+    return {"idpo": recs(idpo), "ilr-dpo": recs(ilr)}
+
+
+def test_claims_over_trainings_are_on_the_means_with_their_standard_errors():
+    from prefloop.demo import over_trainings
+
+    trainings = [  # iDPO ends at 61 / 74 / 70 % gold, iLR-DPO at 69 / 71 / 70 %
+        _story([(0.5, 30.0), (0.61, 40.0)], [(0.6, 21.0), (0.69, 19.0)]),
+        _story([(0.5, 30.0), (0.74, 30.0)], [(0.6, 20.0), (0.71, 21.0)]),
+        _story([(0.5, 30.0), (0.70, 32.0)], [(0.6, 20.5), (0.70, 20.0)]),
+    ]
+    checks = over_trainings([Outcome.of(m) for m in trainings])
+    assert [ok for _, ok in checks] == [True, True, True, True]
+    # iDPO × SFT: (2.0 + 1.5 + 1.6)/3 = 1.70, sd 0.265 → se 0.15
+    assert "1.70±0.15×" in checks[0][0]
+    assert "0.95–1.05×" in checks[1][0]
+    # gold: iLR-DPO 70.0, sd 1.0 → se 0.58; iDPO 68.33, sd 6.66 → se 3.84
+    assert "70.0±0.6 [69.0, 71.0, 70.0]" in checks[2][0]
+    assert "70.0±0.6 vs 68.3±3.8 [61.0, 74.0, 70.0]" in checks[3][0]
+    # one training (the second) alone fails iDPO − 2; the means do not
+    assert not Outcome.of(trainings[1]).checks()[3][1]
+    # the band must hold in every training at every iteration
+    trainings[2]["ilr-dpo"][1]["mean_tokens"] = 22.5
+    assert [ok for _, ok in over_trainings([Outcome.of(m) for m in trainings])][1] is False
+    with pytest.raises(ValueError, match="≥ 2 trainings"):
+        over_trainings([Outcome.of(trainings[0])])
+    with pytest.raises(ValueError, match="needs the runs"):
+        over_trainings([Outcome.of(m) for m in trainings] +
+                       [Outcome.of({"idpo": trainings[0]["idpo"]})])
+
+
+def test_demo_tables_prints_the_claims_over_trainings_per_seed():
+    import importlib.util
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "demo_tables.py"
+    spec = importlib.util.spec_from_file_location("demo_tables", path)
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    runs = [_story([(0.5, 30.0), (g_p, 32.0)], [(0.6, 20.0), (g_r, 21.0)])
+            for g_p, g_r in ((0.61, 0.69), (0.74, 0.71), (0.70, 0.70))]
+    lines = tables.training_rows({5: [SimpleNamespace(metrics=m) for m in runs]})
+    assert lines[2].startswith("| 5 | 5, 1005, 2005 | 61.0, 74.0, 70.0 | 69.0, 71.0, 70.0 | "
+                               "1.00–1.05 | 4/4 |")
+    assert len(lines) == 3 + 4 and all(line.startswith("|  | ✓ ") for line in lines[3:])
+
+
+def test_training_seed_reseeds_only_the_loops_training(tmp_path):
+    from prefloop.demo import PromptSets, _paths, run_config
+
+    bed, prompts = _paths(tmp_path / "bed"), PromptSets.at(tmp_path)
+    cfg = DemoConfig(seed=3)
+    plain = run_config(cfg, bed, prompts, tmp_path / "a", {"name": "dpo"})
+    other = run_config(replace(cfg, training_seed=1003), bed, prompts, tmp_path / "a",
+                       {"name": "dpo"})
+    assert plain.training.seed == 3 and other.training.seed == 1003
+    assert other.sampling.seed == plain.sampling.seed == 3
+    assert other.eval.sampling.seed == plain.eval.sampling.seed
+    assert replace(cfg, training_seed=1003).build_key() == cfg.build_key()  # same testbed
+
+
 def test_export_refuses_a_non_empty_directory_before_building(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "build_testbed", lambda *a, **k: pytest.fail("built"))
     (tmp_path / "tb").mkdir()

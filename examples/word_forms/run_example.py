@@ -9,7 +9,8 @@ From nothing, through prefloop's public interfaces only (its CLI and YAML config
   4. loops       `prefloop run configs/loop.yaml` twice from the same SFT policy:
                  iDPO (loss dpo) and iLR-DPO (loss lr_dpo, no α: prefloop's default)
   5. report      `prefloop report` over both run directories
-  6. verdict     a table per iteration and the pass/fail lines of the length story
+  6. verdict     a table per iteration and the pass/fail lines of the length story (with
+                 --trainings N, also over N trainings: prefloop.demo.over_trainings)
 
 Every step skips what is already done, and the loops resume, so a rerun only re-reads
 the finished runs. Usage:
@@ -17,6 +18,7 @@ the finished runs. Usage:
     python examples/word_forms/run_example.py                 # seed 0, ~4 min on one core
     python examples/word_forms/run_example.py --quick         # plumbing check, ~1 min
     python examples/word_forms/run_example.py --seed 1 --lr-scale 0.5
+    python examples/word_forms/run_example.py --trainings 3   # + 2 more trainings, ~12 min
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ilr-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for the iLR-DPO run only, e.g. loss.auto_alpha=true "
                    "(give another --out: a changed config is refused in an existing run dir)")
+    p.add_argument("--trainings", type=int, default=1, metavar="N",
+                   help="train both loops N times from the same SFT policy (training seeds "
+                        "S, S+1000, …; runs idpo-train-K, ilr-dpo-train-K) and check the "
+                        "claims on the means over the N trainings")
     p.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
     p.add_argument("-v", "--verbose", action="store_true", help="progress bars of prefloop")
     return p.parse_args(argv)
@@ -152,11 +158,13 @@ def prefloop(args: list[str], verbose: bool) -> None:
 
 
 def loop_overrides(name: str, out: Path, data: dict[str, Path], seed: int, size: dict,
-                   lr: float | None, quick: bool) -> list[str]:
+                   lr: float | None, quick: bool, training_seed: int | None = None
+                   ) -> list[str]:
     items = [f"name={name}", f"run_dir={out / name}", f"policy={out / 'sft'}",
              f"prompts.path={data['prompts']}", f"eval.prompts.path={data['eval']}",
              f"iterations={size['iterations']}", f"seed={seed}", f"sampling.seed={seed}",
-             f"training.seed={seed}", f"eval.sampling.seed={seed + 1}"]
+             f"training.seed={seed if training_seed is None else training_seed}",
+             f"eval.sampling.seed={seed + 1}"]
     if quick:
         items.append(f"prompts.per_iteration={size['prompts_per_iteration']}")
     if lr is not None:
@@ -276,12 +284,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"output_dir={out / 'sft'}", f"data.path={data['sft']}",
                   f"training.seed={args.seed}", f"training.epochs={size['sft_epochs']}"],
                  args.verbose)
-    for name, extra in RUNS.items():
-        print(f"== 4. {name}: {size['iterations']} iterations")
-        extra = extra + (args.ilr_set if name == "ilr-dpo" else [])
-        prefloop(["run", str(HERE / "configs" / "loop.yaml"),
-                  *loop_overrides(name, out, data, args.seed, size, lr, args.quick), *extra,
-                  "--resume"], args.verbose)
+    if args.trainings < 1:
+        sys.exit("--trainings: must be ≥ 1")
+    for k in range(args.trainings):
+        for run, extra in RUNS.items():
+            name = run + (f"-train-{k}" if k else "")
+            print(f"== 4. {name}: {size['iterations']} iterations")
+            extra = extra + (args.ilr_set if run == "ilr-dpo" else [])
+            prefloop(["run", str(HERE / "configs" / "loop.yaml"),
+                      *loop_overrides(name, out, data, args.seed, size, lr, args.quick,
+                                      args.seed + 1000 * k), *extra, "--resume"],
+                     args.verbose)
     print("== 5. report")
     prefloop(["report", *(str(out / name) for name in RUNS), "--out",
               str(out / "report.html")], verbose=True)
@@ -296,6 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for text, ok in checks:
         print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
+    if args.trainings > 1:
+        from prefloop.demo import Outcome, over_trainings
+
+        outcomes = [Outcome.of({run: read_metrics(out / (run + (f"-train-{k}" if k else "")))
+                                for run in RUNS}) for k in range(args.trainings)]
+        checks += over_trainings(outcomes)
+        print(f"\nover {args.trainings} trainings (training seeds "
+              + ", ".join(str(args.seed + 1000 * k) for k in range(args.trainings)) + "):")
+        for text, ok in checks[-4:]:
+            print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
     print(f"\nreport: {out / 'report.html'}   ({time.perf_counter() - start:.0f} s)")
     return 1 if args.strict and not all(ok for _, ok in checks) else 0
 
