@@ -78,13 +78,14 @@ def training_seed(seed: int, k: int) -> int:
 
 
 def training_rows(per_seed: dict[int, list]) -> list[str]:
-    """One row per seed: each training's gold at the last iteration, and the claims over
-    the trainings."""
+    """One row per seed (each training's gold at the last iteration), then the claims over
+    the trainings as a list, seed by seed."""
     from prefloop.demo import Outcome, over_trainings
 
     lines = ["| seed | training seeds | iDPO gold % t=3 | iLR-DPO gold % t=3 | "
              "iLR-DPO × SFT, every t | checks met over the trainings |",
              "|---|---|---|---|---|---|"]
+    notes = []
     for seed, results in per_seed.items():
         outs = [Outcome.of(r.metrics) for r in results]
         golds = {name: ", ".join(f"{100 * o.runs[name][-1]['gold_accuracy']:.1f}"
@@ -96,8 +97,8 @@ def training_rows(per_seed: dict[int, list]) -> list[str]:
         lines.append(f"| {seed} | {seeds} | {golds['idpo']} | {golds['ilr-dpo']} | "
                      f"{min(ratios):.2f}–{max(ratios):.2f} | {sum(ok for _, ok in checks)}/4"
                      + (f" (✗ {missed})" if missed else "") + " |")
-        lines += [f"|  | {'✓' if ok else '✗'} {text} | | | | |" for text, ok in checks]
-    return lines
+        notes += [f"- seed {seed}: {'✓' if ok else '✗'} {text}" for text, ok in checks]
+    return [*lines, "", *notes]
 
 
 def iteration_rows(result) -> list[str]:

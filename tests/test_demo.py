@@ -295,7 +295,8 @@ def test_demo_tables_prints_the_claims_over_trainings_per_seed():
     lines = tables.training_rows({5: [SimpleNamespace(metrics=m) for m in runs]})
     assert lines[2].startswith("| 5 | 5, 1005, 2005 | 61.0, 74.0, 70.0 | 69.0, 71.0, 70.0 | "
                                "1.00–1.05 | 4/4 |")
-    assert len(lines) == 3 + 4 and all(line.startswith("|  | ✓ ") for line in lines[3:])
+    assert lines[3] == "" and len(lines) == 4 + 4
+    assert all(line.startswith("- seed 5: ✓ ") for line in lines[4:])
 
 
 def test_training_seed_reseeds_only_the_loops_training(tmp_path):
