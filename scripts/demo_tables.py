@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.trainings < 1:
         parser.error("--trainings: must be ≥ 1")
+    if args.by_run and args.trainings > 1:
+        parser.error("--trainings: not with --by-run (its table has one training per seed)")
     cfg = load_config(DemoConfig, None, args.overrides)
     cfg.out_dir = args.out
     if not args.progress:

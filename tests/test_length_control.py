@@ -104,6 +104,27 @@ def test_target_mode_corrects_a_drift_measured_before_training():
     assert short.alpha == pytest.approx(0.81 * length_neutral_alpha(GAPS))
 
 
+def test_the_largest_root_of_a_run_says_whether_the_guard_scale_can_act():
+    # what the length guard reads (summary()["root_max"]): s multiplies only c·root
+    goal = LengthGoal(start=20.0, target=20.0)
+    # every winner shorter: the root is 0 at every step, yet λ lifts α when the estimate
+    # grows (losers preferred): α > 0 that no scale changes
+    shorter = AlphaController.start("target", torch.tensor([6.0, 8.0]),
+                                    torch.tensor([10.0, 12.0]), 0.05, goal)
+    for _ in range(3):
+        _step(shorter, [-40.0, -40.0])
+    summary = shorter.summary()
+    assert summary["root_max"] == 0 and summary["alpha_mean"] > 0
+    # gaps −10 and +8: no root at h = 0 (α starts at 0), but once the shorter winner is
+    # learned (h = 40) the longer one's pull makes the root positive: a scale would act
+    mixed = AlphaController.start("target", torch.tensor([10.0, 18.0]),
+                                  torch.tensor([20.0, 10.0]), 0.05, goal)
+    assert mixed.alpha == 0 and mixed.root_max == 0
+    _step(mixed, [40.0, 0.0])
+    assert mixed.root > 0 and mixed.summary()["root_max"] == mixed.root
+    assert "root_max" not in _start("fixed").summary()
+
+
 def _cfg(*extra: str) -> TrainConfig:
     return load_config(TrainConfig, None, ["model=m", "data.path=d.jsonl", "output_dir=o",
                                            *extra])

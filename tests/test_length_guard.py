@@ -133,9 +133,11 @@ def _mean_tokens(rows: list[dict]) -> float:
 
 def test_a_length_outside_the_band_is_trained_again_and_the_closest_kept(world, tmp_path):
     run_dir = tmp_path / "run"
-    # a band nothing meets: every iteration trains three times
-    run(load_run_config(None, guard_args(world, run_dir, "length_guard.band=1e-9")),
-        progress=False)
+    # a band nothing meets: every iteration trains three times (sampling seed 1 draws pairs
+    # whose length-neutral root is > 0 in both iterations; with a root of 0 at every step
+    # the guard stops after one training, test_a_guard_whose_root_stays_zero_…)
+    run(load_run_config(None, guard_args(world, run_dir, "length_guard.band=1e-9",
+                                         "sampling.seed=1")), progress=False)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     initial_rows = read_jsonl(run_dir / "iter_0" / "length_probe.jsonl")
@@ -278,7 +280,7 @@ def test_a_retry_that_fails_keeps_the_trainings_before_it(world, tmp_path, monke
     assert read_jsonl(run_dir / "metrics.jsonl")[1]["trainings"] == 1
 
 
-def test_a_guard_whose_alpha_stays_zero_stops_after_one_training(world, tmp_path):
+def test_a_guard_whose_root_stays_zero_stops_after_one_training(world, tmp_path):
     # pairs whose winner is always the shorter answer: the length-neutral root is 0 and the
     # policy shortens, which no α ≥ 0 can undo, so a larger or smaller scale would train
     # the same model again (it did, twice per iteration, before the guard checked)
@@ -288,7 +290,7 @@ def test_a_guard_whose_alpha_stays_zero_stops_after_one_training(world, tmp_path
                                          "length_guard.band=1e-9")), progress=False)
     guard = json.loads((run_dir / "manifest.json").read_text())[
         "stages"]["iter_1/train"]["length_guard"]
-    assert len(guard["attempts"]) == 1 and guard["stopped"] == "alpha_zero"
+    assert len(guard["attempts"]) == 1 and guard["stopped"] == "root_zero"
     assert guard["attempts"][0]["alpha_mean"] == 0 and guard["in_band"] is False
     assert read_jsonl(run_dir / "metrics.jsonl")[1]["trainings"] == 1
     assert {r["attempt"] for r in read_jsonl(run_dir / "iter_1" / "length_probe.jsonl")} == {0}

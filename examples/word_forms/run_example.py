@@ -79,7 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "claims on the means over the N trainings")
     p.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
     p.add_argument("-v", "--verbose", action="store_true", help="progress bars of prefloop")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.trainings < 1:
+        p.error("--trainings: must be ≥ 1")
+    return args
 
 
 # ---------------------------------------------------------------- 1. data
@@ -284,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"output_dir={out / 'sft'}", f"data.path={data['sft']}",
                   f"training.seed={args.seed}", f"training.epochs={size['sft_epochs']}"],
                  args.verbose)
-    if args.trainings < 1:
-        sys.exit("--trainings: must be ≥ 1")
     for k in range(args.trainings):
         for run, extra in RUNS.items():
             name = run + (f"-train-{k}" if k else "")

@@ -544,10 +544,10 @@ def over_trainings(outcomes: Sequence[Outcome], plain: str = "idpo",
     runs' mean gold at the last iteration, ± the standard error of the mean over the
     trainings; the length band must hold in every training at every iteration.
 
-    One training's gold moves by several points with the training seed alone (on
-    examples/word_forms, iDPO at t = 3 ranged over 13 points in three trainings), far more
-    than its evaluation's ±1.5, so a comparison of two single trainings mostly compares
-    their draws.
+    One training's gold moves by several points with the training seed alone (on the
+    testbed, seed 1's iDPO at t = 3 ranged over 23 points in three trainings, iLR-DPO's
+    over up to 10), far more than the evaluation's standard error of ~1.4, so a comparison
+    of two single trainings mostly compares their draws.
 
     Raises:
         ValueError: with fewer than two outcomes, or one without both runs.

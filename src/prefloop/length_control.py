@@ -64,7 +64,8 @@ the other side of the target (regula falsi) once there is one, and until then e 
 (the testbed at 2× the learning rate: −0.33 to −0.53 between attempts ×1.3–1.5 apart).
 One retry moves s by at most ×3. The attempt closest to the target is kept, and the next
 iteration starts from its s: a learning rate that needs more α needs it every iteration.
-A training whose α was 0 at every step ends the search: s multiplies c·root, which was 0.
+A training whose root was 0 at every step ends the search: s enters α only through c·root
+(and λ's floor −c·root), so no scale would train anything else.
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ class AlphaController:
     rate: float = 1.0
     correction: float = 0.0  # λ: the target mode's integrated correction on top of c·root
     root: float = 0.0  # the last root
+    root_max: float = 0.0  # the largest root of the run (its first included)
     history: list[float] = field(default_factory=list)  # α of every optimizer step
 
     def __post_init__(self) -> None:
@@ -216,7 +218,7 @@ class AlphaController:
             root = float(fixed_alpha)
         goal = goal if mode == "target" else None
         first = root * goal.drift_factor if goal is not None else root
-        return cls(mode, first, chosen, rejected, goal, rate, root=root)
+        return cls(mode, first, chosen, rejected, goal, rate, root=root, root_max=max(root, 0.0))
 
     @property
     def adapts(self) -> bool:
@@ -230,6 +232,8 @@ class AlphaController:
         out: dict[str, float | str] = {"mode": self.mode, "alpha_first": steps[0],
                                        "alpha_last": steps[-1],
                                        "alpha_mean": sum(steps) / len(steps)}
+        if self.adapts:
+            out["root_max"] = self.root_max
         if self.goal is not None:
             out.update(start_length=self.goal.start, target_length=self.goal.target,
                        alpha_scale=self.goal.scale)
@@ -250,6 +254,7 @@ class AlphaController:
         self.h[index.long().cpu()] = h.detach().to("cpu", torch.float64)
         with contextlib.suppress(ValueError):  # no shorter winner at all: keep the last root
             self.root = length_neutral_alpha(self.gaps, beta * self.h)
+        self.root_max = max(self.root_max, self.root)
         if self.goal is None:
             self.alpha = self.root
             return record

@@ -395,12 +395,14 @@ def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
                              f", outside ±{100 * guard.band:g}% after {guard.attempts} trainings: "
                              "keeping the closest"))
             break
-        if lc["alpha_mean"] == 0:
-            # α = max(0, s·c·root + λ) was 0 at every step: the pairs left no length gap to
-            # weigh (pairing.length_penalty, say), so no scale would train differently
-            stopped = "alpha_zero"
-            ctx.echo(text + f", outside ±{100 * guard.band:g}%, but α was 0 at every step, "
-                            "so its scale cannot move the length: keeping this training")
+        if lc["root_max"] == 0:
+            # s enters α = max(0, s·c·root + λ) only through root (and λ's floor −s·c·root):
+            # with the root 0 at every step (winners no longer than losers on the balance,
+            # e.g. pairs shaped by pairing.length_penalty) no scale trains anything else
+            stopped = "root_zero"
+            ctx.echo(text + f", outside ±{100 * guard.band:g}%, but the length-neutral root "
+                            "was 0 at every step, so α's scale cannot move the length: keeping "
+                            "this training")
             break
         scale = next_scale([(x["scale"], x["ratio"]) for x in tried])
         ctx.echo(text + f", outside ±{100 * guard.band:g}%: training again with α scale "
