@@ -21,12 +21,19 @@ import time
 from pathlib import Path
 
 
+def _iterations(results) -> tuple[int, str]:
+    """The last iteration of the demos' runs, and "1, 2, …, T" for the headers."""
+    last = max(r["iteration"] for recs in results[0].metrics.values() for r in recs)
+    return last, ", ".join(str(t) for t in range(1, last + 1))
+
+
 def summary_rows(results, seeds) -> list[str]:
     from prefloop.demo import Outcome
 
+    last, every = _iterations(results)
     lines = [
-        "| seed | SFT gold % / tokens | iDPO t=3 gold % / × SFT | iLR-DPO gold % t=3 | "
-        "iLR-DPO × SFT t=1, 2, 3 | α mean per iteration | checks met |",
+        f"| seed | SFT gold % / tokens | iDPO t={last} gold % / × SFT | iLR-DPO gold % "
+        f"t={last} | iLR-DPO × SFT t={every} | α mean per iteration | checks met |",
         "|---|---|---|---|---|---|---|",
     ]
     for seed, result in zip(seeds, results, strict=True):
@@ -54,8 +61,9 @@ def run_rows(results, seeds) -> list[str]:
     mean α of each iteration: for comparing runs of one demo (`runs=...`)."""
     from prefloop.demo import LENGTH_BAND, Outcome
 
-    lines = ["| run | seed | × SFT length t=1, 2, 3 | in ±10 % at every t | gold % t=3 (SFT) | "
-             "α mean per iteration |", "|---|---|---|---|---|---|"]
+    last, every = _iterations(results)
+    lines = [f"| run | seed | × SFT length t={every} | in ±10 % at every t | "
+             f"gold % t={last} (SFT) | α mean per iteration |", "|---|---|---|---|---|---|"]
     names = list(results[0].metrics)
     for name in names:
         for seed, result in zip(seeds, results, strict=True):
@@ -82,7 +90,8 @@ def training_rows(per_seed: dict[int, list]) -> list[str]:
     the trainings as a list, seed by seed."""
     from prefloop.demo import Outcome, over_trainings
 
-    lines = ["| seed | training seeds | iDPO gold % t=3 | iLR-DPO gold % t=3 | "
+    last, _ = _iterations(next(iter(per_seed.values())))
+    lines = [f"| seed | training seeds | iDPO gold % t={last} | iLR-DPO gold % t={last} | "
              "iLR-DPO × SFT, every t | checks met over the trainings |",
              "|---|---|---|---|---|---|"]
     notes = []

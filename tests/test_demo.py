@@ -295,6 +295,7 @@ def test_demo_tables_prints_the_claims_over_trainings_per_seed():
     lines = tables.training_rows({5: [SimpleNamespace(metrics=m) for m in runs]})
     assert lines[2].startswith("| 5 | 5, 1005, 2005 | 61.0, 74.0, 70.0 | 69.0, 71.0, 70.0 | "
                                "1.00–1.05 | 4/4 |")
+    assert "| iDPO gold % t=2 | iLR-DPO gold % t=2 |" in lines[0]  # the runs' last iteration
     assert lines[3] == "" and len(lines) == 4 + 4
     assert all(line.startswith("- seed 5: ✓ ") for line in lines[4:])
 
