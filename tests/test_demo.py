@@ -428,3 +428,27 @@ def test_demo_cli_takes_overrides_after_seeds(monkeypatch, capsys):
     capsys.readouterr()
     assert main(["demo", "--seeds", "0", "x"]) == 2
     assert "--seeds: 'x' is not an integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("terminal,flags,progress", [
+    (True, [], True), (True, ["-q"], False), (False, [], False), (False, ["-q"], False)])
+def test_progress_bars_only_on_a_terminal(terminal, flags, progress, monkeypatch):
+    import io
+    import sys
+
+    from prefloop.cli import main
+
+    class Stderr(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    seen = {}
+
+    def fake_run_seeds(cfg, seeds, progress=True):
+        seen["progress"] = progress
+        raise PrefloopError("stopped before running")
+
+    monkeypatch.setattr(demo, "run_seeds", fake_run_seeds)
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    assert main(["demo", *flags]) == 2
+    assert seen == {"progress": progress}

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config:
         args.overrides.insert(0, args.config)
         args.config = None
+    if hasattr(args, "quiet") and not sys.stderr.isatty():
+        args.quiet = True  # progress bars only on a terminal, not in logs and pipes
     if getattr(args, "quiet", False):
         quiet_libraries()
     succeeded = False
