@@ -80,15 +80,10 @@ def run_rows(results, seeds) -> list[str]:
     return lines
 
 
-def training_seed(seed: int, k: int) -> int:
-    """The training seed of a seed's k-th training (k = 0: the seed itself)."""
-    return seed + 1000 * k
-
-
 def training_rows(per_seed: dict[int, list]) -> list[str]:
     """One row per seed (each training's gold at the last iteration), then the claims over
     the trainings as a list, seed by seed."""
-    from prefloop.demo import Outcome, over_trainings
+    from prefloop.demo import Outcome, over_trainings, training_seed
 
     last, _ = _iterations(next(iter(per_seed.values())))
     lines = [f"| seed | training seeds | iDPO gold % t={last} | iLR-DPO gold % t={last} | "
@@ -123,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from dataclasses import replace
 
     from prefloop.config import load_config
-    from prefloop.demo import DemoConfig, run_demo, run_seeds
+    from prefloop.demo import DemoConfig, run_demo, run_seeds, training_seed
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,

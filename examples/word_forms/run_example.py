@@ -160,13 +160,17 @@ def prefloop(args: list[str], verbose: bool) -> None:
         sys.exit(f"prefloop {args[0]} failed (exit {done.returncode})")
 
 
+def run_name(run: str, k: int) -> str:
+    """The run directory of a loop's k-th training (k = 0: the run's own name)."""
+    return run + (f"-train-{k}" if k else "")
+
+
 def loop_overrides(name: str, out: Path, data: dict[str, Path], seed: int, size: dict,
-                   lr: float | None, quick: bool, training_seed: int | None = None
-                   ) -> list[str]:
+                   lr: float | None, quick: bool, train_seed: int) -> list[str]:
     items = [f"name={name}", f"run_dir={out / name}", f"policy={out / 'sft'}",
              f"prompts.path={data['prompts']}", f"eval.prompts.path={data['eval']}",
              f"iterations={size['iterations']}", f"seed={seed}", f"sampling.seed={seed}",
-             f"training.seed={seed if training_seed is None else training_seed}",
+             f"training.seed={train_seed}",
              f"eval.sampling.seed={seed + 1}"]
     if quick:
         items.append(f"prompts.per_iteration={size['prompts_per_iteration']}")
@@ -287,14 +291,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"output_dir={out / 'sft'}", f"data.path={data['sft']}",
                   f"training.seed={args.seed}", f"training.epochs={size['sft_epochs']}"],
                  args.verbose)
+    from prefloop.demo import training_seed
+
     for k in range(args.trainings):
         for run, extra in RUNS.items():
-            name = run + (f"-train-{k}" if k else "")
+            name = run_name(run, k)
             print(f"== 4. {name}: {size['iterations']} iterations")
             extra = extra + (args.ilr_set if run == "ilr-dpo" else [])
             prefloop(["run", str(HERE / "configs" / "loop.yaml"),
                       *loop_overrides(name, out, data, args.seed, size, lr, args.quick,
-                                      args.seed + 1000 * k), *extra, "--resume"],
+                                      training_seed(args.seed, k)), *extra, "--resume"],
                      args.verbose)
     print("== 5. report")
     prefloop(["report", *(str(out / name) for name in RUNS), "--out",
@@ -313,11 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.trainings > 1:
         from prefloop.demo import Outcome, over_trainings
 
-        outcomes = [Outcome.of({run: read_metrics(out / (run + (f"-train-{k}" if k else "")))
-                                for run in RUNS}) for k in range(args.trainings)]
+        outcomes = [Outcome.of({run: read_metrics(out / run_name(run, k)) for run in RUNS})
+                    for k in range(args.trainings)]
         checks += over_trainings(outcomes)
         print(f"\nover {args.trainings} trainings (training seeds "
-              + ", ".join(str(args.seed + 1000 * k) for k in range(args.trainings)) + "):")
+              + ", ".join(str(training_seed(args.seed, k)) for k in range(args.trainings))
+              + "):")
         for text, ok in checks[-4:]:
             print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
     print(f"\nreport: {out / 'report.html'}   ({time.perf_counter() - start:.0f} s)")

@@ -513,28 +513,56 @@ class Outcome:
         """The testbed's story as pass/fail lines: iDPO gets longer, iLR-DPO gets better
         and stays in the length band at every iteration. A line about a run the demo did
         not make (`runs=` without it) is left out."""
-        sft_gold, sft_se = self.sft_gold
-        lines = []
+        def shown(value_se: tuple[float, float], fmt: str) -> tuple[float, str]:
+            value, se = value_se
+            return value, f"{value:{fmt}}±{se:{fmt}}"
+
+        growth = ratios = gold_r = gold_p = None
         if plain in self.runs:
-            ratio_p, se_p = self.ratio(self.runs[plain][-1])
-            gold_p, se_gp = _gold(self.runs[plain][-1])
-            lines.append((f"{plain} length ≥ {IDPO_MIN_GROWTH}× SFT ({ratio_p:.2f}±"
-                          f"{se_p:.2f}×)", ratio_p >= IDPO_MIN_GROWTH))
+            last = self.runs[plain][-1]
+            ratio, text = shown(self.ratio(last), ".2f")
+            growth, gold_p = (ratio, text + "×"), shown(_gold(last), ".1f")
         if regularised in self.runs:
-            ratios = [self.ratio(r) for r in self.runs[regularised]]
-            gold_r, se_r = _gold(self.runs[regularised][-1])
-            shown = ", ".join(f"{r:.2f}±{se:.2f}" for r, se in ratios)
-            lines += [
-                (f"{regularised} length within ±{LENGTH_BAND:.0%} of SFT at every iteration "
-                 f"({shown}×)", all(abs(r - 1) <= LENGTH_BAND for r, _ in ratios)),
-                (f"{regularised} gold ≥ SFT + {GOLD_GAIN:g} ({gold_r:.1f}±{se_r:.1f} vs "
-                 f"{sft_gold:.1f}±{sft_se:.1f})", gold_r >= sft_gold + GOLD_GAIN),
-            ]
-            if plain in self.runs:
-                lines.append((f"{regularised} gold ≥ {plain} − {GOLD_SLACK:g} ({gold_r:.1f}"
-                              f"±{se_r:.1f} vs {gold_p:.1f}±{se_gp:.1f})",
-                              gold_r >= gold_p - GOLD_SLACK))
-        return lines
+            with_se = [self.ratio(r) for r in self.runs[regularised]]
+            ratios = ([r for r, _ in with_se],
+                      ", ".join(shown(x, ".2f")[1] for x in with_se) + "×")
+            gold_r = shown(_gold(self.runs[regularised][-1]), ".1f")
+        return _claims(plain, regularised, shown(self.sft_gold, ".1f"), growth, ratios,
+                       gold_r, gold_p)
+
+
+def _claims(plain: str, regularised: str, sft_gold: tuple[float, str],
+            growth: tuple[float, str] | None, ratios: tuple[list[float], str] | None,
+            gold_r: tuple[float, str] | None, gold_p: tuple[float, str] | None,
+            mean: str = "", band_scope: str = "", gold_r_values: str = ""
+            ) -> list[tuple[str, bool]]:
+    """The story's claims as pass/fail lines, each value with the text that shows it: iDPO
+    grows by `growth`, iLR-DPO's length `ratios` stay in the band, its gold beats SFT's and
+    is not below iDPO's by more than the slack. A claim whose values are None is left out;
+    `mean` and `band_scope` name what the values are taken over, and `gold_r_values` (the
+    values a mean is of) follows iLR-DPO's gold in its claim against SFT."""
+    lines = []
+    if growth is not None:
+        lines.append((f"{plain} length ≥ {IDPO_MIN_GROWTH}× SFT{mean} ({growth[1]})",
+                      growth[0] >= IDPO_MIN_GROWTH))
+    if ratios is not None:
+        lines.append((f"{regularised} length within ±{LENGTH_BAND:.0%} of SFT at every "
+                      f"iteration{band_scope} ({ratios[1]})",
+                      all(abs(r - 1) <= LENGTH_BAND for r in ratios[0])))
+    if gold_r is not None:
+        lines.append((f"{regularised} gold ≥ SFT + {GOLD_GAIN:g}{mean} ({gold_r[1]}"
+                      f"{gold_r_values} vs {sft_gold[1]})", gold_r[0] >= sft_gold[0] + GOLD_GAIN))
+        if gold_p is not None:
+            lines.append((f"{regularised} gold ≥ {plain} − {GOLD_SLACK:g}"
+                          f"{mean.replace('mean', 'means')} ({gold_r[1]} vs {gold_p[1]})",
+                          gold_r[0] >= gold_p[0] - GOLD_SLACK))
+    return lines
+
+
+def training_seed(seed: int, k: int) -> int:
+    """The training seed of seed `seed`'s k-th training of its loops (k = 0: `seed` itself),
+    for claims over several trainings (`over_trainings`)."""
+    return seed + 1000 * k
 
 
 def over_trainings(outcomes: Sequence[Outcome], plain: str = "idpo",
@@ -564,23 +592,18 @@ def over_trainings(outcomes: Sequence[Outcome], plain: str = "idpo",
         shown = ", ".join(f"{v:.1f}" for v in values)
         return mean(values), stdev(values) / math.sqrt(len(values)), shown
 
-    n = len(outcomes)
     sft_gold = outcomes[0].sft_gold[0]
     growth, growth_se, _ = pooled([o.ratio(o.runs[plain][-1])[0] for o in outcomes])
     gold_p, se_p, shown_p = pooled([_gold(o.runs[plain][-1])[0] for o in outcomes])
     gold_r, se_r, shown_r = pooled([_gold(o.runs[regularised][-1])[0] for o in outcomes])
     ratios = [o.ratio(r)[0] for o in outcomes for r in o.runs[regularised]]
-    return [
-        (f"{plain} length ≥ {IDPO_MIN_GROWTH}× SFT, mean of {n} trainings ({growth:.2f}"
-         f"±{growth_se:.2f}×)", growth >= IDPO_MIN_GROWTH),
-        (f"{regularised} length within ±{LENGTH_BAND:.0%} of SFT at every iteration of every "
-         f"training ({min(ratios):.2f}–{max(ratios):.2f}×)",
-         all(abs(r - 1) <= LENGTH_BAND for r in ratios)),
-        (f"{regularised} gold ≥ SFT + {GOLD_GAIN:g}, mean of {n} trainings ({gold_r:.1f}"
-         f"±{se_r:.1f} [{shown_r}] vs {sft_gold:.1f})", gold_r >= sft_gold + GOLD_GAIN),
-        (f"{regularised} gold ≥ {plain} − {GOLD_SLACK:g}, means of {n} trainings ({gold_r:.1f}"
-         f"±{se_r:.1f} vs {gold_p:.1f}±{se_p:.1f} [{shown_p}])", gold_r >= gold_p - GOLD_SLACK),
-    ]
+    return _claims(plain, regularised, (sft_gold, f"{sft_gold:.1f}"),
+                   (growth, f"{growth:.2f}±{growth_se:.2f}×"),
+                   (ratios, f"{min(ratios):.2f}–{max(ratios):.2f}×"),
+                   (gold_r, f"{gold_r:.1f}±{se_r:.1f}"),
+                   (gold_p, f"{gold_p:.1f}±{se_p:.1f} [{shown_p}]"),
+                   mean=f", mean of {len(outcomes)} trainings", band_scope=" of every training",
+                   gold_r_values=f" [{shown_r}]")
 
 
 def _gold(record: dict) -> tuple[float, float]:

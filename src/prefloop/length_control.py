@@ -71,6 +71,7 @@ A training whose root was 0 at every step ends the search: s enters α only thro
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -131,8 +132,6 @@ def next_scale(attempts: list[tuple[float, float]]) -> float:
     Raises:
         ValueError: without attempts, or with a scale or ratio that is not positive.
     """
-    import math
-
     if not attempts:
         raise ValueError("next_scale: no attempt to go from")
     if any(s <= 0 or r <= 0 for s, r in attempts):
@@ -143,12 +142,11 @@ def next_scale(attempts: list[tuple[float, float]]) -> float:
     slope = GUARD_ELASTICITY
     if across:
         other_s, other_r = min(across, key=lambda a: abs(math.log(a[1])))
-        if other_s == s:
-            slope = GUARD_ELASTICITY
-        elif (secant := (y - math.log(other_r)) / (x - math.log(other_s))) < 0:
+        if other_s != s:
+            secant = (y - math.log(other_r)) / (x - math.log(other_s))
+            if secant >= 0:
+                return math.sqrt(s * other_s)
             slope = secant
-        else:
-            return math.sqrt(s * other_s)
     step = max(-math.log(GUARD_MAX_STEP), min(math.log(GUARD_MAX_STEP), -y / slope))
     return math.exp(x + step)
 
@@ -156,8 +154,6 @@ def next_scale(attempts: list[tuple[float, float]]) -> float:
 def kept_attempt(ratios: list[float], band: float) -> int:
     """Which of the guard's attempts (their length ratios to the target) is kept: one in
     the band, else the closest in ln r (of several in the band, the closest too)."""
-    import math
-
     return min(range(len(ratios)), key=lambda i: (abs(ratios[i] - 1) > band,
                                                   abs(math.log(ratios[i]))))
 

@@ -161,8 +161,9 @@ class RunConfig:
         self.length_guard.validate("length_guard")
         if self.length_guard_applies:
             return
-        changed = [f.name for f in fields(LengthGuardConfig)
-                   if getattr(self.length_guard, f.name) != getattr(LengthGuardConfig(), f.name)]
+        default = LengthGuardConfig()
+        changed = [f.name for f in fields(default)
+                   if getattr(self.length_guard, f.name) != getattr(default, f.name)]
         if changed and self.length_guard.attempts != 0:  # saying "off" is always fine
             why = ("a user-given loss.length_control.target is approached over iterations, "
                    "not held" if self.loss.alpha_mode == "target" else

@@ -89,9 +89,16 @@ def _run_stage(ctx: Context, result: RunResult, t: int, name: str,
     if ctx.manifest.done(key) and artifact.exists():
         result.skipped.append(key)
         return
-    for leftover in artifact.parent.glob(f".{artifact.name}.*"):
-        # temporaries of an interrupted attempt (atomic writes never expose them)
-        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    if ctx.procs.is_main:
+        # temporaries of an interrupted attempt (atomic writes never expose them), and what
+        # an earlier run of this stage wrote under another config
+        for leftover in [*artifact.parent.glob(f".{artifact.name}.*"),
+                         *ctx.run.stage_extras(t, name)]:
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            elif leftover.exists():
+                leftover.unlink()
+    ctx.procs.barrier()
     faults.set_stage(key)
     start = time.perf_counter()
     info = fn() or {}

@@ -152,6 +152,18 @@ class RunDir:
                 "train": self.policy(t) / "config.json", "evaluate": self.eval(t),
                 "alignment_tax": self.alignment_tax(t)}[stage]
 
+    def stage_extras(self, t: int, stage: str) -> tuple[Path, ...]:
+        """What a stage of iteration t writes besides its output under some configs only:
+        cleared before the stage runs, so that a redo under a config without them keeps
+        none of an earlier run's (the length guard's probe and its waiting attempts)."""
+        if stage == "train":
+            return self.length_probe(t), self.policy_attempts(t)
+        return ()
+
+    def policy_attempts(self, t: int) -> Path:
+        """Where the length guard's earlier trainings of π_t wait while it trains again."""
+        return self.iteration(t) / ".policy.attempts"
+
     def policy_path(self, t: int) -> str:
         """π_t as a model path: the configured policy for t = 0, else iter_t/policy."""
         return self.initial_policy if t == 0 else str(self.policy(t))
@@ -286,11 +298,11 @@ class ConfigChanged(PrefloopError):
 WHERE_NOT_WHAT = ("name", "run_dir", "iterations")
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
+def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
+            out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -308,7 +320,7 @@ def legacy_overrides(config_path: Path) -> list[str]:
     what continuing that run as it was needs on top of today's defaults."""
     import yaml
 
-    recorded = flatten(yaml.safe_load(config_path.read_text()) or {})
+    recorded = _flatten(yaml.safe_load(config_path.read_text()) or {})
     return [f"{k}={v}" for k, v in LEGACY_VALUES.items() if k not in recorded]
 
 
@@ -325,9 +337,9 @@ def config_changes(run: RunDir, cfg: Any) -> tuple[list[str], int]:
     if not run.config.is_file():
         raise PrefloopError(f"{run.root}: has manifest.json but no config.yaml; the run "
                             "directory is damaged (use a new run_dir)")
-    recorded = flatten(yaml.safe_load(run.config.read_text()) or {})
-    current = flatten(to_dict(cfg))
-    defaults = {**flatten(to_dict(type(cfg)())), **LEGACY_VALUES}
+    recorded = _flatten(yaml.safe_load(run.config.read_text()) or {})
+    current = _flatten(to_dict(cfg))
+    defaults = {**_flatten(to_dict(type(cfg)())), **LEGACY_VALUES}
     recorded.update({k: defaults[k] for k in current if k not in recorded and k in defaults})
     changes = [f"{k}: {recorded.get(k, '(unset)')} → {current.get(k, '(unset)')}"
                for k in sorted(set(recorded) | set(current))

@@ -28,7 +28,7 @@ from prefloop.loop.context import Context
 from prefloop.loop.metrics import evaluate_iteration, format_metrics_row
 from prefloop.loop.rundir import RunDir, stage_key
 from prefloop.methods import method
-from prefloop.pairing import PairingConfig
+from prefloop.pairing import LENGTH_UNITS, PairingConfig
 from prefloop.sampling import PromptRecord
 from prefloop.workers import sample_prompts, score_rows
 
@@ -227,8 +227,6 @@ def train(ctx: Context, t: int) -> dict:
     if cfg.guarded:
         result, guard_info = guarded_training(ctx, t, train_cfg, pairs, goal)
     else:
-        if ctx.procs.is_main:  # a guarded run's, redone without the guard
-            run.length_probe(t).unlink(missing_ok=True)
         result = train_preferences(train_cfg, pairs=pairs, progress=ctx.progress,
                                    length_goal=goal)
     last = result.log[-1]
@@ -298,7 +296,7 @@ def probe(ctx: Context, policy: str | Path, desc: str) -> list[dict]:
 
 def mean_length(rows: list[dict], unit: str) -> float:
     """The sample rows' mean length in `unit` (tokens | chars); 0 without rows."""
-    key = "num_chars" if unit == "chars" else "num_tokens"
+    key = LENGTH_UNITS[unit]
     return sum(r[key] for r in rows) / len(rows) if rows else 0.0
 
 
@@ -339,8 +337,8 @@ def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
     """Train π_t into iter_t/policy, measure its length on the probe, and train again with
     α's scale moved (`length_control.next_scale`) while it is outside the band; keep the
     attempt in the band, else the closest to π₀'s length. Earlier attempts wait in
-    iter_t/.policy.attempts/ (removed once one is kept, and by a resume of an interrupted
-    stage, which trains them again); every attempt's probe goes into
+    iter_t/.policy.attempts/ (removed once one is kept, and before a resume of an
+    interrupted stage, which trains them again); every attempt's probe goes into
     iter_t/length_probe.jsonl. A retry that fails (a non-finite loss at a larger α, say)
     ends the search with the attempts before it. Returns the kept attempt's TrainResult
     and what the manifest records."""
@@ -355,10 +353,8 @@ def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
     previous = ctx.manifest.stage(stage_key(t - 1, "train")).get("length_guard", {}) \
         if t > 1 else {}
     scale = float(previous.get("scale", 1.0))
-    policy, attempts_dir = run.policy(t), run.iteration(t) / ".policy.attempts"
-    if ctx.procs.is_main and attempts_dir.exists():  # an interrupted stage's
-        shutil.rmtree(attempts_dir)
-    ctx.procs.barrier()
+    # an interrupted stage's attempts were cleared before it ran (RunDir.stage_extras)
+    policy, attempts_dir = run.policy(t), run.policy_attempts(t)
     tried: list[dict] = []
     results, probe_rows, failed, stopped = [], [], None, None
     for a in range(guard.attempts):
@@ -387,26 +383,26 @@ def guarded_training(ctx: Context, t: int, train_cfg: TrainConfig, pairs: list,
                       "probe_seconds": round(time.perf_counter() - probe_start, 3)})
         results.append(result)
         probe_rows += [{**r, "attempt": a} for r in rows]
-        inside = abs(length / initial - 1) <= guard.band
+        band = f"±{100 * guard.band:g}%"
         text = (f"iter {t}: " + _describe_alpha(lc, unit, goal) + f"; probe {length:.1f} "
                 f"{unit} = ×{length / initial:.3f} π₀'s ({initial:.1f})")
-        if inside or a + 1 == guard.attempts:
-            ctx.echo(text + (f", within ±{100 * guard.band:g}%" if inside else
-                             f", outside ±{100 * guard.band:g}% after {guard.attempts} trainings: "
-                             "keeping the closest"))
+        if abs(length / initial - 1) <= guard.band:
+            ctx.echo(f"{text}, within {band}")
+            break
+        if a + 1 == guard.attempts:
+            ctx.echo(f"{text}, outside {band} after {guard.attempts} trainings: keeping the "
+                     "closest")
             break
         if lc["root_max"] == 0:
             # s enters α = max(0, s·c·root + λ) only through root (and λ's floor −s·c·root):
             # with the root 0 at every step (winners no longer than losers on the balance,
             # e.g. pairs shaped by pairing.length_penalty) no scale trains anything else
             stopped = "root_zero"
-            ctx.echo(text + f", outside ±{100 * guard.band:g}%, but the length-neutral root "
-                            "was 0 at every step, so α's scale cannot move the length: keeping "
-                            "this training")
+            ctx.echo(f"{text}, outside {band}, but the length-neutral root was 0 at every "
+                     "step, so α's scale cannot move the length: keeping this training")
             break
         scale = next_scale([(x["scale"], x["ratio"]) for x in tried])
-        ctx.echo(text + f", outside ±{100 * guard.band:g}%: training again with α scale "
-                        f"{scale:.3g}")
+        ctx.echo(f"{text}, outside {band}: training again with α scale {scale:.3g}")
     kept = kept_attempt([x["ratio"] for x in tried], guard.band)
     if ctx.procs.is_main:
         io.write_jsonl(run.length_probe(t), probe_rows)
