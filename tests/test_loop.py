@@ -179,6 +179,27 @@ def test_changed_config_is_refused_unless_redoing_from_a_stage(world, tmp_path):
     assert "alpha: 0.05" in (run_dir / "iter_1" / "policy" / "train_config.yaml").read_text()
 
 
+def test_a_redo_without_the_judge_leaves_no_verdict_of_an_earlier_judged_run(world, tmp_path):
+    # judge.json and its companions are written only with eval.judge; a redo of the evaluate
+    # stage without it kept an earlier run's, and the report showed that stale verdict
+    from prefloop.report import judge_section
+
+    run_dir = tmp_path / "run"
+    cfg = _config(world, run_dir, "iterations=1")
+    run(cfg, progress=False)
+    it = run_dir / "iter_1"
+    (it / "judge.json").write_text(json.dumps({"win_rate": 90.0, "lc_win_rate": 91.0}))
+    (it / "judgements.jsonl").write_text("{}\n")
+    (it / "alpaca_eval").mkdir()
+    (it / "alpaca_eval" / "annotations.json").write_text("[]")
+    assert judge_section(run_dir)  # what the report showed
+    assert run(cfg, redo_from="iter_1/evaluate", progress=False).stages_run == [
+        "iter_1/evaluate"]
+    assert not any((it / name).exists() for name in ("judge.json", "judgements.jsonl",
+                                                       "alpaca_eval"))
+    assert judge_section(run_dir) == ""
+
+
 def test_auto_alpha_is_set_from_each_iterations_pairs_and_recorded(world, tmp_path):
     from prefloop.losses import length_neutral_alpha
 

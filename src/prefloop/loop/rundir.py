@@ -155,10 +155,11 @@ class RunDir:
     def stage_extras(self, t: int, stage: str) -> tuple[Path, ...]:
         """What a stage of iteration t writes besides its output under some configs only:
         cleared before the stage runs, so that a redo under a config without them keeps
-        none of an earlier run's (the length guard's probe and its waiting attempts)."""
-        if stage == "train":
-            return self.length_probe(t), self.policy_attempts(t)
-        return ()
+        none of an earlier run's (the length guard's probe and its waiting attempts; the
+        LLM judge's verdict, judgements and alpaca_eval files)."""
+        return {"train": (self.length_probe(t), self.policy_attempts(t)),
+                "evaluate": (self.judge(t), self.judgements(t), self.alpaca_eval(t)),
+                }.get(stage, ())
 
     def policy_attempts(self, t: int) -> Path:
         """Where the length guard's earlier trainings of π_t wait while it trains again."""
