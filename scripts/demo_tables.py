@@ -32,9 +32,10 @@ def summary_rows(results, seeds) -> list[str]:
 
     last, every = _iterations(results)
     lines = [
-        f"| seed | SFT gold % / tokens | iDPO t={last} gold % / × SFT | iLR-DPO gold % "
-        f"t={last} | iLR-DPO × SFT t={every} | α mean per iteration | checks met |",
-        "|---|---|---|---|---|---|---|",
+        f"| seed | SFT gold % / tokens | reward: right ≻ wrong | iDPO t={last} gold % / × SFT "
+        f"| iLR-DPO gold % t={last} | iLR-DPO × SFT t={every} | α mean per iteration | "
+        "checks met |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for seed, result in zip(seeds, results, strict=True):
         out = Outcome.of(result.metrics)
@@ -50,10 +51,19 @@ def summary_rows(results, seeds) -> list[str]:
         missed = "; ".join(text.split(" (")[0] for text, ok in checks if not ok)
         lines.append(
             f"| {seed} | {out.sft_gold[0]:.1f} ± {out.sft_gold[1]:.1f} / "
-            f"{out.sft_tokens[0]:.1f} | {gold_p:.1f} ± {se_p:.1f} / ×{ratio_p:.2f} | "
+            f"{out.sft_tokens[0]:.1f} | {reward_right(result)} | "
+            f"{gold_p:.1f} ± {se_p:.1f} / ×{ratio_p:.2f} | "
             f"{gold_r:.1f} ± {se_r:.1f} | {ratios} | {alphas} | {met}/4"
             + (f" (✗ {missed})" if missed else "") + " |")
     return lines
+
+
+def reward_right(result) -> str:
+    """The testbed reward model's right-over-wrong share at equal word count
+    (`testbed.reward_correctness`; the testbed check beside the story's)."""
+    from prefloop.demo import reward_right as measure
+
+    return f"{100 * measure(result.testbed.reward_model).pair_share:.1f} %"
 
 
 def run_rows(results, seeds) -> list[str]:
@@ -90,8 +100,9 @@ def training_rows(per_seed: dict[int, list]) -> list[str]:
              "iLR-DPO × SFT, every t | checks met over the trainings |",
              "|---|---|---|---|---|---|"]
     notes = []
-    for seed, results in per_seed.items():
-        outs = [Outcome.of(r.metrics) for r in results]
+    outcomes = {seed: [Outcome.of(r.metrics) for r in results]
+                for seed, results in per_seed.items()}
+    for seed, outs in outcomes.items():
         golds = {name: ", ".join(f"{100 * o.runs[name][-1]['gold_accuracy']:.1f}"
                                  for o in outs) for name in ("idpo", "ilr-dpo")}
         ratios = [o.ratio(r)[0] for o in outs for r in o.runs["ilr-dpo"]]
@@ -102,7 +113,28 @@ def training_rows(per_seed: dict[int, list]) -> list[str]:
                      f"{min(ratios):.2f}–{max(ratios):.2f} | {sum(ok for _, ok in checks)}/4"
                      + (f" (✗ {missed})" if missed else "") + " |")
         notes += [f"- seed {seed}: {'✓' if ok else '✗'} {text}" for text, ok in checks]
-    return [*lines, "", *notes]
+    return [*lines, "", *notes, paired_gap(outcomes, last)]
+
+
+def paired_gap(outcomes: dict[int, list], last: int) -> str:
+    """iLR-DPO's gold minus iDPO's at every iteration, over every seed's trainings
+    (`outcomes`: seed → its trainings' `Outcome`s), each training's two runs paired (same
+    testbed, prompts and training seed): mean ± its standard error, and how many trainings
+    iLR-DPO ends behind. At t = 1 both runs train on the same pairs, so the difference there
+    is the loss's alone."""
+    from statistics import mean, stdev
+
+    outs = [o for seed_outs in outcomes.values() for o in seed_outs]
+    parts = []
+    for t in range(1, last + 1):
+        gold = {name: [100 * o.runs[name][t - 1]["gold_accuracy"] for o in outs]
+                for name in ("idpo", "ilr-dpo")}
+        gaps = [r - p for r, p in zip(gold["ilr-dpo"], gold["idpo"], strict=True)]
+        parts.append(f"t={t} {mean(gaps):+.1f} ± {stdev(gaps) / len(gaps) ** 0.5:.1f} "
+                     f"({mean(gold['ilr-dpo']):.1f} vs {mean(gold['idpo']):.1f}, behind in "
+                     f"{sum(g < 0 for g in gaps)})")
+    return (f"- all {len(outcomes)} seeds × {len(outs) // len(outcomes)} trainings, iLR-DPO "
+            f"gold − iDPO's paired by training: {'; '.join(parts)}")
 
 
 def iteration_rows(result) -> list[str]:
@@ -114,11 +146,16 @@ def iteration_rows(result) -> list[str]:
     return lines
 
 
+def training_dir(out: str, seed: int, k: int) -> Path:
+    """Where seed `seed`'s k-th training of its loops runs (k = 0: the seed's own demo)."""
+    return Path(out) / (f"seed-{seed}-train-{k}" if k else f"seed-{seed}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from dataclasses import replace
 
     from prefloop.config import load_config
-    from prefloop.demo import DemoConfig, run_demo, run_seeds, training_seed
+    from prefloop.demo import DemoConfig, run_demo, training_seed
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -147,14 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         logging.set_verbosity_error()
     start = time.perf_counter()
-    results = run_seeds(cfg, args.seeds, progress=args.progress, echo=lambda *a, **k: None)
-    per_seed = {seed: [result] for seed, result in zip(args.seeds, results, strict=True)}
-    for seed in args.seeds:
-        for k in range(1, args.trainings):
-            out = Path(args.out) / f"seed-{seed}-train-{k}"
+    per_seed = {seed: [] for seed in args.seeds}
+    for k in range(args.trainings):
+        for seed in args.seeds:
             per_seed[seed].append(run_demo(replace(
-                cfg, seed=seed, training_seed=training_seed(seed, k), out_dir=str(out)),
+                cfg, seed=seed, training_seed=training_seed(seed, k) if k else cfg.training_seed,
+                out_dir=str(training_dir(args.out, seed, k))),
                 progress=args.progress, echo=lambda *a, **k: None))
+    results = [per_seed[seed][0] for seed in args.seeds]
     trainings = f" --trainings {args.trainings}" if args.trainings > 1 else ""
     print(f"<!-- python scripts/demo_tables.py --seeds {' '.join(map(str, args.seeds))} "
           f"--out {args.out}{trainings} {' '.join(args.overrides)}; "

@@ -296,8 +296,40 @@ def test_demo_tables_prints_the_claims_over_trainings_per_seed():
     assert lines[2].startswith("| 5 | 5, 1005, 2005 | 61.0, 74.0, 70.0 | 69.0, 71.0, 70.0 | "
                                "1.00–1.05 | 4/4 |")
     assert "| iDPO gold % t=2 | iLR-DPO gold % t=2 |" in lines[0]  # the runs' last iteration
-    assert lines[3] == "" and len(lines) == 4 + 4
-    assert all(line.startswith("- seed 5: ✓ ") for line in lines[4:])
+    assert lines[3] == "" and len(lines) == 4 + 4 + 1
+    assert all(line.startswith("- seed 5: ✓ ") for line in lines[4:-1])
+    # iLR-DPO − iDPO per training: t=1 +10 each; t=2 +8, −3, 0 → mean +1.67, sd 5.69 → se 3.28
+    assert lines[-1] == ("- all 1 seeds × 3 trainings, iLR-DPO gold − iDPO's paired by "
+                         "training: t=1 +10.0 ± 0.0 (60.0 vs 50.0, behind in 0); t=2 +1.7 ± "
+                         "3.3 (70.0 vs 68.3, behind in 1)")
+
+
+def test_demo_tables_puts_every_training_in_its_own_seed_directory(tmp_path, monkeypatch,
+                                                                   capsys):
+    """With one seed, the trainings went to `--out` itself and `--out/seed-S-train-K` beside
+    its run folders; every seed and training now has its folder, as with several seeds."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "demo_tables.py"
+    spec = importlib.util.spec_from_file_location("demo_tables", path)
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    ran = []
+
+    def fake_demo(cfg, progress, echo):
+        ran.append((cfg.seed, cfg.training_seed, cfg.out_dir))
+        return SimpleNamespace(metrics=_story([(0.5, 30.0)], [(0.6, 20.0)]))
+
+    monkeypatch.setattr(demo, "run_demo", fake_demo)
+    monkeypatch.setattr(tables, "iteration_rows", lambda result: [])
+    monkeypatch.setattr(tables, "reward_right", lambda result: "97.9 %")
+    out = tmp_path / "tables"
+    assert tables.main(["--seeds", "4", "--trainings", "2", "--out", str(out)]) == 0
+    assert ran == [(4, None, str(out / "seed-4")), (4, 1004, str(out / "seed-4-train-1"))]
+    printed = capsys.readouterr().out
+    assert "| 4 | 4, 1004 |" in printed
+    assert "| 4 | 40.0 ± 1.0 / 20.0 | 97.9 % | 50.0 ± 1.0 / ×1.50 |" in printed
 
 
 def test_training_seed_reseeds_only_the_loops_training(tmp_path):
@@ -343,6 +375,64 @@ def test_starting_point_measures_the_sft_policy_and_the_reward_bias(reduced_demo
     assert [ok for _, ok in start.checks()][:2] == [True, True]
     # the reward model's length bias within prompts, on iteration 1's SFT samples
     assert start.same_gold_pairs > 100 and start.longer_preferred > 0.5
+
+
+def test_reward_correctness_compares_answers_of_equal_word_count():
+    from prefloop import testbed
+
+    seen = []
+
+    def knows(prompts, responses):  # the right answer first, the others by length only
+        seen.extend(responses)
+        return [2.0 * testbed.is_correct(p, r) + 0.01 * len(r) for p, r in
+                zip(prompts, responses, strict=True)]
+
+    assert testbed.reward_correctness(knows) == (1.0, 1.0, 32 * 3 * 7, 32 * 3)
+    # 32 questions × filler counts 0, 2, 4 × the 8 values of each table; one word count
+    # within a case of 8, and the three counts of the filler settings
+    assert len(seen) == 32 * 3 * 8
+    cases = [seen[i:i + 8] for i in range(0, len(seen), 8)]
+    assert all(len({testbed.words(r) for r in case}) == 1 for case in cases)
+    assert {testbed.words(case[0]) for case in cases} == {
+        4 + sum(testbed.words(f) for f in testbed.FILLERS[:n]) for n in (0, 2, 4)}
+
+    def by_length(prompts, responses):  # a pure length bias sees only ties, which lose
+        return [float(testbed.words(r)) for r in responses]
+
+    assert testbed.reward_correctness(by_length)[:2] == (0.0, 0.0)
+
+    def prefers(prompts, responses):  # the right answer, but "paris" above everything
+        return [float(testbed.is_correct(p, r)) + 5.0 * ("paris" in r)
+                for p, r in zip(prompts, responses, strict=True)]
+
+    # 672 pairs, 96 cases: the 7 capital questions whose answer is not paris lose one pair
+    # (to paris) at each of the 3 filler counts, and with it their case
+    pairs, first, _, _ = testbed.reward_correctness(prefers)
+    assert pairs == pytest.approx(1 - 7 * 3 / (32 * 3 * 7))
+    assert first == pytest.approx(1 - 7 * 3 / (32 * 3))
+    with pytest.raises(ValueError, match="767 scores for 768 answers"):
+        testbed.reward_correctness(lambda p, r: [0.0] * (len(r) - 1))
+    with pytest.raises(ValueError, match="at least one filler count"):
+        testbed.reward_correctness(knows, fillers=())
+
+
+def test_starting_point_checks_the_reward_model_on_right_and_wrong_answers(reduced_demo):
+    from prefloop.demo import StartingPoint
+
+    cfg, result = reduced_demo
+    start = StartingPoint.of(Path(cfg.out_dir) / "idpo", result.testbed.reward_model)
+    assert StartingPoint.of(Path(cfg.out_dir) / "idpo").reward_right is None
+    assert start.reward_right.pairs == 672 and start.reward_right.cases == 96
+    text, ok = start.checks()[-1]
+    assert text.startswith("reward scores the right answer above a wrong one") and ok
+    assert start.reward_right.pair_share >= 0.9
+    assert result.checks()[:len(start.checks())] == start.checks()
+    weak = replace(start, reward_right=start.reward_right._replace(pair_share=0.856,
+                                                                   first_share=0.5))
+    assert weak.checks()[-1] == (
+        "reward scores the right answer above a wrong one of the same word count in ≥ 90% "
+        "of pairs (85.6% of 672; above every wrong one in 50% of 96 question × length "
+        "cases, not checked)", False)
 
 
 def test_lr_dpo_alpha_of_a_demo_run(tmp_path):

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # Small fact tables: a tiny model can learn them, and so can a tiny reward model. (An
 # arithmetic kind was tried and dropped: a micro reward model judged sums only 78% right
@@ -129,6 +130,50 @@ class Annotator:
         z = self.w_correct * (is_correct(prompt, a) - is_correct(prompt, b))
         z += self.w_length * (words(a) - words(b))
         return 1.0 / (1.0 + math.exp(-z))
+
+
+class RightOverWrong(NamedTuple):
+    """`reward_correctness`'s result."""
+
+    pair_share: float  # right/wrong pairs where the right answer scores higher
+    first_share: float  # cases (question × filler count) where it scores above every wrong one
+    pairs: int
+    cases: int
+
+
+def reward_correctness(score: Callable[[list, list[str]], list[float]],
+                       fillers: Sequence[int] = (0, 2, 4)) -> RightOverWrong:
+    """How well a reward model tells right from wrong when length cannot help: every
+    question of the task, answered with each value of its table, each answer followed by
+    the same first ``n`` filler sentences for each n in ``fillers`` (so the answers of a
+    case have the same word count; their token counts differ only by the answer word's).
+    A tie counts against the right answer. The annotator prefers the right answer of such a
+    pair with probability σ(w_correct) (0.95 at the demo's w_correct = 3), so a reward model
+    fitted to its labels should score it higher in nearly every pair."""
+    if not fillers:
+        raise ValueError("fillers: give at least one filler count")
+    prompts, responses, cases = [], [], []
+    for table, template in QUESTIONS.values():
+        values = sorted(set(table.values()))
+        for key in sorted(table):
+            question = [{"role": "user", "content": template.format(key)}]
+            for n in fillers:
+                tail = FILLERS[:n]
+                cases.append((len(responses), values.index(table[key]), len(values)))
+                for value in values:
+                    prompts.append(question)
+                    responses.append(" ".join([f"The answer is {value}.", *tail]))
+    scores = list(score(prompts, responses))
+    if len(scores) != len(responses):
+        raise ValueError(f"score: {len(scores)} scores for {len(responses)} answers")
+    wins, pairs, first = 0, 0, 0
+    for start, right, n in cases:
+        case = scores[start:start + n]
+        wrong = [v for i, v in enumerate(case) if i != right]
+        wins += sum(case[right] > v for v in wrong)
+        pairs += len(wrong)
+        first += all(case[right] > v for v in wrong)
+    return RightOverWrong(wins / pairs, first / len(cases), pairs, len(cases))
 
 
 # ---------------------------------------------------------------- data sets
