@@ -12,6 +12,7 @@ import math
 import random
 import re
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -105,12 +106,18 @@ def _own_scores(model_path: str, docs: list[dict]) -> dict[str, float]:
     """acc and acc_norm from the model's log-likelihood of each choice after the question,
     computed with plain transformers (lm_eval's definitions: argmax of the summed
     log-likelihood, and of it divided by the choice's length in characters)."""
+    per_doc = _own_per_document(model_path, docs)
+    return {metric: sum(values) / len(docs) for metric, values in per_doc.items()}
+
+
+def _own_per_document(model_path: str, docs: list[dict]) -> dict[str, list[float]]:
+    """Each document's acc and acc_norm (1.0 / 0.0), as `_own_scores` defines them."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
-    acc = acc_norm = 0
+    acc, acc_norm = [], []
     for doc in docs:
         ctx = _context(doc)
         lls = []
@@ -120,10 +127,10 @@ def _own_scores(model_path: str, docs: list[dict]) -> dict[str, float]:
             with torch.no_grad():
                 logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
             lls.append(sum(logp[i - 1, ids[i]].item() for i in range(n_ctx, len(ids))))
-        acc += max(range(4), key=lambda i: lls[i]) == doc["label"]
+        acc.append(float(max(range(4), key=lambda i: lls[i]) == doc["label"]))
         norm = [ll / len(c) for ll, c in zip(lls, doc["choices"], strict=True)]
-        acc_norm += max(range(4), key=lambda i: norm[i]) == doc["label"]
-    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs)}
+        acc_norm.append(float(max(range(4), key=lambda i: norm[i]) == doc["label"]))
+    return {"acc": acc, "acc_norm": acc_norm}
 
 
 def _mean_se(p: float, n: int) -> float:
@@ -160,14 +167,72 @@ def test_files_and_summary_hold_each_delta(evaluated, models):
               for t in (0, 2)}
     later = [r for r in summary["rows"] if r["iteration"] == 2]
     assert sorted(r["metric"] for r in later) == ["acc", "acc_norm"]
+    # both models answer the same 10 documents: Δ's standard error is paired by document,
+    # sd(v₂ − v₀)/√10 from each document's own result
+    own = {t: _own_per_document(models[name], _docs()) for name, t in (("pi0", 0), ("pi2", 2))}
     for r in later:
         b, s = scores[0][TASK][r["metric"]], scores[2][TASK][r["metric"]]
         assert (r["baseline"], r["value"]) == (b["value"], s["value"])
         assert r["delta"] == pytest.approx(s["value"] - b["value"]) and r["delta"] != 0
-        assert r["delta_stderr"] == pytest.approx(math.hypot(b["stderr"], s["stderr"]))
+        diffs = [v2 - v0 for v0, v2 in zip(own[0][r["metric"]], own[2][r["metric"]],
+                                           strict=True)]
+        assert r["delta_paired"] is True
+        assert r["delta_stderr"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(10))
+        assert r["delta_stderr"] != pytest.approx(math.hypot(b["stderr"], s["stderr"]))
     assert all(r["delta"] == 0 for r in summary["rows"] if r["iteration"] == 0)
     settings = json.loads((run / "iter_2" / "alignment_tax.json").read_text())["settings"]
     assert settings["tasks"] == [TASK] and settings["model"].startswith("dir:")
+
+
+def test_delta_stderr_is_paired_by_document_where_both_records_allow():
+    def record(per_doc: list | None, documents: str = "d1", value: float | None = None,
+               se: float | None = 0.1) -> dict:
+        if value is None:
+            value = sum(v for _, v in per_doc) / len(per_doc) if per_doc else 0.5
+        r = {"scores": {"t": {"acc": {"value": value, "stderr": se}}}}
+        if per_doc is not None:
+            r["per_document"] = {"t": {"documents": documents, "acc": per_doc}}
+        return r
+
+    base = record([[0, 1.0], [1, 0.0], [2, 1.0], [3, 1.0]])  # 0.75
+    later = record([[0, 1.0], [1, 1.0], [2, 0.0], [3, 1.0]])  # 0.75; diffs 0, 1, −1, 0
+    row = next(r for r in tax.tax_rows({0: base, 3: later}) if r["iteration"] == 3)
+    # sd of (0, 1, −1, 0) = √(2/3); / √4
+    assert row["delta"] == 0 and row["delta_paired"] is True
+    assert row["delta_stderr"] == pytest.approx(math.sqrt(2 / 3) / 2)
+    assert tax.format_delta(row) == "+0.0000 ± 0.4082"
+    # independent (and marked so) for: a record without per-document values, other
+    # document ids, the same ids of other documents (another digest), malformed values
+    for other in (record(None), record([[0, 1.0], [1, 0.0], [5, 1.0], [6, 0.0]]),
+                  record([[0, 1.0], [1, 1.0], [2, 0.0], [3, 1.0]], documents="d2"),
+                  record([[0, "x"], [1, 1.0], [2, 0.0], [3, 1.0]], value=0.5)):
+        row = next(r for r in tax.tax_rows({0: base, 3: other}) if r["iteration"] == 3)
+        assert row["delta_paired"] is False
+        assert row["delta_stderr"] == pytest.approx(math.hypot(0.1, 0.1))
+        assert tax.format_delta(row).endswith(" ± 0.1414 (independent)")
+    assert tax.paired_stderr([[0, 1.0]], [[0, 0.0]]) is None  # one document: no spread
+    assert tax.paired_stderr([[0, 1.0], [0, 0.0]], [[0, 1.0], [1, 0.0]]) is None  # dup id
+
+
+def test_per_document_values_only_for_metrics_that_are_their_mean():
+    import numpy as np
+
+    output = {"samples": {"t": [
+        {"doc_id": 1, "filter": "none", "acc": False, "ppl": [3.0, 1.0], "doc_hash": "h1"},
+        {"doc_id": 0, "filter": "none", "acc": True, "ppl": [1.0, 2.0], "doc_hash": "h0"},
+        {"doc_id": 0, "filter": "strict", "exact_match": np.float32(1.0), "doc_hash": "h0"},
+        {"doc_id": 1, "filter": "strict", "exact_match": np.int64(1), "doc_hash": "h1"},
+    ]}}
+    scores = {"t": {"acc": {"value": 0.5}, "ppl": {"value": 4.2},
+                    "exact_match,strict": {"value": 1.0}, "bleu": {"value": 0.3}}}
+    import hashlib
+
+    digest = hashlib.sha256(b"h0\nh1").hexdigest()[:16]  # the documents in doc_id order
+    assert tax._per_document(output, scores) == {"t": {
+        "documents": digest, "acc": [[0, 1.0], [1, 0.0]],
+        "exact_match,strict": [[0, 1.0], [1, 1.0]]}}
+    scores["t"]["acc"]["value"] = 0.7  # not the documents' mean: a corpus-level aggregate
+    assert "acc" not in tax._per_document(output, scores)["t"]
 
 
 def test_limit_and_few_shot_reach_lm_eval(models, task_dir, tmp_path):
@@ -224,6 +289,16 @@ def test_rerun_keeps_finished_models_and_redoes_on_overwrite_or_new_settings(
     yaml_file = tasks / f"{TASK}.yaml"
     yaml_file.write_text(yaml_file.read_text() + "# edited\n")
     assert main(moved) == 0 and len(calls) == 2
+    # a file written before per-document values were kept: evaluated again, so that Δ's
+    # standard error can be paired
+    calls.clear()
+    old = json.loads((run / "iter_0" / "alignment_tax.json").read_text())
+    del old["per_document"]
+    (run / "iter_0" / "alignment_tax.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    assert main(moved) == 0 and calls == [evaluated[2]["models"]["0"]]
+    # said even with -q (which every command gets when stderr is not a terminal: in logs)
+    assert "written before per-document values were kept" in capsys.readouterr().out
 
 
 def test_run_policies_finds_pi0_and_trained_iterations(evaluated, models):
@@ -347,15 +422,18 @@ def test_report_of_a_real_run_shows_the_tax_section(model_dir, task_dir, tmp_pat
     parser = Section()
     parser.feed(page)
     shown = [r for r in parser.rows if r]
-    scores = {t: json.loads((run / f"iter_{t}" / "alignment_tax.json").read_text())["scores"]
-              [TASK] for t in (0, 1)}
+    records = {t: json.loads((run / f"iter_{t}" / "alignment_tax.json").read_text())
+               for t in (0, 1)}
     expected = []
     for metric in ("acc", "acc_norm"):
-        b, s = scores[0][metric], scores[1][metric]
+        b, s = records[0]["scores"][TASK][metric], records[1]["scores"][TASK][metric]
+        diffs = [v1 - v0 for (_, v0), (_, v1) in zip(
+            records[0]["per_document"][TASK][metric], records[1]["per_document"][TASK][metric],
+            strict=True)]
         expected.append([TASK, metric, "1", f"{b['value']:.4f} ± {b['stderr']:.4f}",
                          f"{s['value']:.4f} ± {s['stderr']:.4f}",
                          f"{s['value'] - b['value']:+.4f} ± "
-                         f"{math.hypot(b['stderr'], s['stderr']):.4f}"])
+                         f"{statistics.stdev(diffs) / math.sqrt(len(diffs)):.4f}"])
     assert shown == expected
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "evaluate_policies",
     "evaluate_run",
     "load_results",
+    "paired_stderr",
     "run_policies",
     "tax_rows",
 ]
@@ -271,11 +272,68 @@ def _scores(output: dict) -> dict[str, dict[str, dict[str, Any]]]:
     return scores
 
 
+def _document_value(value: Any) -> float | None:
+    """A per-document metric value as a float: numbers, numpy scalars and booleans (lm_eval
+    tasks return `pred == gold` as a bool); None for anything else (tuples of corpus-level
+    metrics, strings, non-finite values)."""
+    if isinstance(value, str | bytes) or not hasattr(value, "__float__"):
+        return None
+    try:
+        return _number(float(value))
+    except (TypeError, ValueError):  # e.g. an array of several values
+        return None
+
+
+def _per_document(output: dict, scores: dict) -> dict[str, dict[str, Any]]:
+    """Each document's value of the metrics that are the mean of them (accuracy, exact
+    match, …), from simple_evaluate's logged samples, for a standard error of Δ paired by
+    document: {task: {"documents": digest of the documents' hashes in doc_id order,
+    metric: [[doc_id, value], …]}}. A metric is kept only when every document has a finite
+    number and their mean is the reported score (not perplexities, BLEU or other
+    corpus-level aggregates)."""
+    kept: dict[str, dict[str, Any]] = {}
+    for task, samples in (output.get("samples") or {}).items():
+        for metric, score in (scores.get(task) or {}).items():
+            name, filt = metric.split(",", 1) if "," in metric else (metric, "none")
+            mine = [s for s in samples if s.get("filter", "none") == filt]
+            rows = [[s.get("doc_id"), _document_value(s.get(name))] for s in mine]
+            if (len(rows) < 2 or any(v is None or not isinstance(d, int) for d, v in rows)
+                    or len({d for d, _ in rows}) != len(rows)
+                    or not math.isclose(sum(v for _, v in rows) / len(rows), score["value"],
+                                        rel_tol=1e-9, abs_tol=1e-12)):
+                continue
+            entry = kept.setdefault(task, {})
+            entry[metric] = sorted(rows)
+            if "documents" not in entry:
+                hashes = (str(s.get("doc_hash", "")) for s in sorted(mine, key=lambda s:
+                                                                     s["doc_id"]))
+                entry["documents"] = hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:16]
+    return kept
+
+
+def paired_stderr(base: list, other: list) -> float | None:
+    """Standard error of mean(other − base) over their documents (the sample standard
+    deviation of the differences over √n, as lm_eval's own standard errors); None unless
+    both hold the same document ids, at least two, as [[doc_id, value], …]."""
+    try:
+        a = {d: float(v) for d, v in base}
+        b = {d: float(v) for d, v in other}
+    except (TypeError, ValueError):  # not a list of [doc_id, number] pairs
+        return None
+    if a.keys() != b.keys() or len(a) < 2 or len(a) != len(base) or len(b) != len(other):
+        return None
+    diffs = [b[d] - a[d] for d in a]
+    mean = sum(diffs) / len(diffs)
+    return math.sqrt(sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1) / len(diffs))
+
+
 def evaluate_model(cfg: TaxConfig, model: str) -> dict[str, Any]:
     """Run lm_eval on one model; return its record (the per-model file's content)::
 
         {"model", "settings" (see settings()), "lm_eval_version", "seconds",
          "scores": {task: {metric: {"value", "stderr" | null, "higher_is_better" | null}}},
+         "per_document": {task: {"documents", metric: [[doc_id, value], …]}}
+                         (see _per_document),
          "samples": {task: documents scored}, "num_fewshot": {task: k},
          "task_versions": {task: version}}
     """
@@ -292,7 +350,7 @@ def evaluate_model(cfg: TaxConfig, model: str) -> dict[str, Any]:
         output = lm_eval.simple_evaluate(
             model="hf", model_args=model_args, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
             batch_size=cfg.batch_size, device=_device(cfg.device), limit=_limit(cfg.limit),
-            task_manager=manager, log_samples=False)
+            task_manager=manager, log_samples=True)
     except (OSError, ValueError) as e:  # a model or dataset that cannot be read or fetched
         from prefloop.models import load_error
 
@@ -302,12 +360,14 @@ def evaluate_model(cfg: TaxConfig, model: str) -> dict[str, Any]:
     if output is None:  # simple_evaluate returns None on the non-main processes
         raise PrefloopError("alignment tax: lm_eval returned no results (run it as one process)")
     n = output.get("n-samples") or {}
+    scores = _scores(output)
     return {
         "model": model,
         "settings": settings(cfg, model),
         "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
         "seconds": round(time.perf_counter() - start, 2),
-        "scores": _scores(output),
+        "scores": scores,
+        "per_document": _per_document(output, scores),
         "samples": {t: v.get("effective") for t, v in n.items() if isinstance(v, dict)},
         "num_fewshot": dict(output.get("n-shot") or {}),
         "task_versions": {t: v for t, v in (output.get("versions") or {}).items()},
@@ -349,13 +409,16 @@ def evaluate_policies(
         path = out.alignment_tax(t)
         stored = _read_record(path) if path.is_file() else None
         mine = {**shared, "model": model_identity(model)}
-        if stored is not None and not overwrite and stored.get("settings") == mine:
+        same = stored is not None and stored.get("settings") == mine
+        if same and not overwrite and "per_document" in stored:
             notes.append(f"alignment tax: {path} has these settings, kept ({redo_hint})")
             records[t] = stored
         else:
             if stored is not None and not overwrite:
-                notes.append(f"alignment tax: {path} was made with other settings, "
-                             "evaluating again")
+                why = ("was written before per-document values were kept (Δ's standard "
+                       "error is paired by document)" if same else
+                       "was made with other settings")
+                notes.append(f"alignment tax: {path} {why}, evaluating again")
             todo[t] = model
     if todo:  # every task name checked before the first model is loaded
         check_tasks(cfg.tasks, task_manager(cfg.include_path))
@@ -431,11 +494,15 @@ def tax_rows(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (task, metric, iteration) of the baseline's (iteration 0) metrics::
 
         {"task", "metric", "iteration", "higher_is_better", "baseline", "baseline_stderr",
-         "value", "stderr", "delta", "delta_stderr"}
+         "value", "stderr", "delta", "delta_stderr", "delta_paired"}
 
-    delta = value − baseline; its stderr is √(se₀² + se_t²), the two scores taken as
-    independent (they share the documents, so this is an upper bound); null when either
-    stderr is unknown. Iteration 0's own row has delta 0 and no stderr. No baseline: no rows.
+    delta = value − baseline. Both policies answer the same documents, so its stderr is
+    paired by document where both records hold the metric's per-document values
+    (`paired_stderr`; delta_paired true): sd(v_t − v_0)/√n. Otherwise (a corpus-level
+    metric, a group, other documents) it is √(se₀² + se_t²), the scores taken as
+    independent (usually an upper bound: the two policies' results on one document are
+    positively correlated), and null when either stderr is unknown. Iteration 0's own row
+    has delta 0 and no stderr. No baseline: no rows.
     """
     if 0 not in records:
         return []
@@ -448,6 +515,7 @@ def tax_rows(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
                 if score is None:
                     continue
                 se0, se = b.get("stderr"), score.get("stderr")
+                paired = None if t == 0 else _paired(records[0], record, task, metric)
                 delta_se = (None if t == 0 or se0 is None or se is None
                             else math.sqrt(se0**2 + se**2))
                 rows.append({
@@ -455,15 +523,37 @@ def tax_rows(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
                     "higher_is_better": b.get("higher_is_better"),
                     "baseline": b["value"], "baseline_stderr": se0,
                     "value": score["value"], "stderr": se,
-                    "delta": score["value"] - b["value"], "delta_stderr": delta_se,
+                    "delta": score["value"] - b["value"],
+                    "delta_stderr": delta_se if paired is None else paired,
+                    "delta_paired": paired is not None,
                 })
     return rows
 
 
+def _paired(base: dict, record: dict, task: str, metric: str) -> float | None:
+    """`paired_stderr` of a metric when both records hold its per-document values for the
+    same documents (the same digest of their hashes), else None."""
+    def entry(r: dict) -> dict:
+        docs = r.get("per_document")
+        found = docs.get(task) if isinstance(docs, dict) else None
+        return found if isinstance(found, dict) else {}
+
+    task0, task_t = entry(base), entry(record)
+    values0, values_t = task0.get(metric), task_t.get(metric)
+    if (task0.get("documents") != task_t.get("documents")
+            or not isinstance(values0, list) or not isinstance(values_t, list)):
+        return None
+    return paired_stderr(values0, values_t)
+
+
 def format_delta(row: dict[str, Any]) -> str:
-    """`-0.0500 ± 0.0316` (4 decimals: lm_eval's scores are mostly in [0, 1])."""
+    """`-0.0500 ± 0.0316` (4 decimals: lm_eval's scores are mostly in [0, 1]); a standard
+    error not paired by document is marked `(independent)`."""
     text = f"{row['delta']:+.4f}"
-    return text + (f" ± {row['delta_stderr']:.4f}" if row["delta_stderr"] is not None else "")
+    if row["delta_stderr"] is None:
+        return text
+    unpaired = row["iteration"] != 0 and not row.get("delta_paired")
+    return text + f" ± {row['delta_stderr']:.4f}" + (" (independent)" if unpaired else "")
 
 
 def format_score(value: float, stderr: float | None) -> str:

@@ -868,9 +868,15 @@ def _alignment_tax_html(runs: Sequence[RunData]) -> str:
     return ('<section id="alignment-tax"><h2>Alignment tax (lm-evaluation-harness)</h2>'
             "<p>Scores of each policy on standard benchmarks, run by lm-evaluation-harness, "
             "and their change from the initial policy π₀: a drop is knowledge or skill the "
-            "preference training cost. ± is lm_eval's standard error; Δ's treats the two "
-            "scores as independent, an upper bound since they share the documents. A drop "
-            "larger than two standard errors is in red.</p>" + "".join(parts) + "</section>")
+            "preference training cost. ± is lm_eval's standard error. Δ's standard error is "
+            "paired by document (both policies answer the same ones) for metrics that are a "
+            "mean over documents (accuracy, exact match); where it is not (corpus-level "
+            "metrics, groups) it is marked <i>independent</i>: the two scores taken as "
+            "independent, usually an upper bound. A drop larger than two standard errors is "
+            "in red.</p>"
+            + "".join(parts) + "</section>")
+
+
 def judge_section(run_dir: Path | str) -> str:
     """HTML of a run's LLM-judge evaluations, "" when it has none.
 

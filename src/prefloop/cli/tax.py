@@ -13,9 +13,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="lm-evaluation-harness scores of a run's policies and their change from π₀",
         description="Run lm-evaluation-harness (lm_eval) on a run's initial policy π₀ and "
         "chosen iterations' policies; print each task's metrics, π_t − π₀ and standard "
-        "errors. Writes RUN/iter_t/alignment_tax.json per policy and "
-        "RUN/alignment_tax_summary.json; a policy whose file has the same settings is not "
-        "evaluated again. Needs: pip install 'prefloop[lm-eval]'.")
+        "errors (Δ's paired by document where the metric is a mean over documents, else "
+        "marked independent). Writes RUN/iter_t/alignment_tax.json per policy and "
+        "RUN/alignment_tax_summary.json; a policy whose file has the same settings (and "
+        "per-document values) is not evaluated again. Needs: pip install "
+        "'prefloop[lm-eval]'.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `prefloop run`")
     p.add_argument("--tasks", required=True, metavar="T1,T2",
                    help="lm_eval task or group names, comma-separated (e.g. arc_easy,hellaswag; "
@@ -40,7 +42,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="let models run code from their directory (only if you trust it)")
     p.add_argument("--overwrite", action="store_true",
                    help="evaluate again even policies whose result file has these settings")
-    p.add_argument("-q", "--quiet", action="store_true", help="less progress output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_alignment_tax)
 
 
@@ -79,8 +81,9 @@ def _cmd_alignment_tax(args: argparse.Namespace) -> int:
                     include_path=args.include_path or "", device=args.device,
                     trust_remote_code=args.trust_remote_code)
     cfg.validate("--")
-    echo = (lambda _text: None) if args.quiet else print
-    summary = evaluate_run(cfg, args.run_dir, overwrite=args.overwrite, echo=echo)
+    # its notes (kept, evaluated again, why) are a few lines: printed even with -q, which
+    # is set whenever stderr is not a terminal (logs should say what was reused)
+    summary = evaluate_run(cfg, args.run_dir, overwrite=args.overwrite, echo=print)
     # scores without their standard errors (in the files), so that the table fits 80 columns
     rows = [(r["task"], r["metric"], str(r["iteration"]), f"{r['baseline']:.4f}",
              f"{r['value']:.4f}", format_delta(r)) for r in shown_rows(summary["rows"])]
