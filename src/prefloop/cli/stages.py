@@ -51,7 +51,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument("--out", required=True, help="output scored.jsonl")
     score.add_argument("--trust-remote-code", action="store_true")
-    score.add_argument("-q", "--quiet", action="store_true")
+    score.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     score.set_defaults(func=_cmd_score)
 
     pair = sub.add_parser("pair", help="turn scored.jsonl into preference pairs (pairs.jsonl)")
@@ -92,7 +92,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_backend_options(p)
 
 
