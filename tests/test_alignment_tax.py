@@ -209,9 +209,71 @@ def test_delta_stderr_is_paired_by_document_where_both_records_allow():
         row = next(r for r in tax.tax_rows({0: base, 3: other}) if r["iteration"] == 3)
         assert row["delta_paired"] is False
         assert row["delta_stderr"] == pytest.approx(math.hypot(0.1, 0.1))
-        assert tax.format_delta(row).endswith(" ± 0.1414 (independent)")
+        assert tax.format_delta(row).split(" ± ")[1].startswith("0.1414 (independent")
     assert tax.paired_stderr([[0, 1.0]], [[0, 0.0]]) is None  # one document: no spread
-    assert tax.paired_stderr([[0, 1.0], [0, 0.0]], [[0, 1.0], [1, 0.0]]) is None  # dup id
+    # the same ids, one of them twice: which value is the document's is unknown
+    assert tax.paired_stderr([[0, 1.0], [0, 0.0], [1, 1.0]], [[0, 1.0], [1, 0.0]]) is None
+    assert tax.paired_stderr([[0, 1.0], [1, 1.0]], [[0, 1.0], [1, 0.0], [1, 1.0]]) is None
+
+
+def _record(settings: dict, value: float, documents: str = "d1") -> dict:
+    per_doc = [[0, value], [1, 1.0], [2, 0.0], [3, value]]
+    return {"settings": settings, "scores": {"t": {"acc": {"value": (2 * value + 1) / 4,
+                                                           "stderr": 0.1}}},
+            "per_document": {"t": {"documents": documents, "acc": per_doc}}}
+
+
+def test_only_records_of_the_baselines_settings_are_compared():
+    """A π_t evaluated 0-shot against a π₀ evaluated again 5-shot was shown as a paired Δ."""
+    zero, five = {"model": "a", "num_fewshot": 0}, {"model": "b", "num_fewshot": 5}
+    records = {0: _record({**five, "model": "p0"}, 1.0), 1: _record(zero, 0.0),
+               2: _record({**five, "model": "p2"}, 0.0)}
+    assert tax.other_settings(records) == [1]
+    assert {r["iteration"] for r in tax.tax_rows(records)} == {0, 2}
+
+
+def test_delta_over_other_documents_is_marked():
+    records = {0: _record({}, 1.0), 2: _record({}, 0.0, documents="d2")}
+    row = next(r for r in tax.tax_rows(records) if r["iteration"] == 2)
+    assert row["other_documents"] and not row["delta_paired"]
+    assert tax.format_delta(row) == ("-0.5000 ± 0.1414 (independent; other documents than "
+                                     "π₀'s)")
+    same = next(r for r in tax.tax_rows({0: records[0], 2: _record({}, 0.0)})
+                if r["iteration"] == 2)
+    assert not same["other_documents"] and same["delta_paired"]
+
+
+def test_report_names_the_iterations_of_other_settings(tmp_path):
+    from types import SimpleNamespace
+
+    from prefloop.report import _alignment_tax_html
+
+    run = tmp_path / "run"
+    for t, record in ((0, _record({"num_fewshot": 5}, 1.0)), (1, _record({"num_fewshot": 0}, 0.0)),
+                      (2, _record({"num_fewshot": 5}, 0.0))):
+        (run / f"iter_{t}").mkdir(parents=True)
+        (run / f"iter_{t}" / "alignment_tax.json").write_text(json.dumps(record))
+    page = _alignment_tax_html([SimpleNamespace(name="r", path=run)])
+    assert "Not compared with π₀: iter_1, evaluated with other settings" in page
+    assert page.count("<tr><td>t</td>") == 1  # iter_2's row only
+
+
+@pytest.mark.parametrize(("per_document", "field"), [
+    (None, "per_document"),
+    ({"t": {"acc": [[0, 1.0]]}}, "per_document.t.documents"),
+    ({"t": {"documents": "d1", "acc": [[0, "x"]]}}, "per_document.t.acc"),
+    ({"t": {"documents": "d1", "acc": [["0", 1.0]]}}, "per_document.t.acc"),
+    ({"t": {"documents": "d1", "acc": {"0": 1.0}}}, "per_document.t.acc"),
+])
+def test_a_malformed_per_document_field_is_named(tmp_path, per_document, field):
+    """A broken per_document was kept as it was and every Δ silently read "(independent)"."""
+    run = tmp_path / "run"
+    (run / "iter_0").mkdir(parents=True)
+    record = {**_record({}, 1.0), "per_document": per_document}
+    (run / "iter_0" / "alignment_tax.json").write_text(json.dumps(record))
+    with pytest.raises(PrefloopError, match=rf"iter_0/alignment_tax.json, field "
+                                            rf"'{re.escape(field)}': .*--overwrite"):
+        tax.load_results(run)
 
 
 def test_per_document_values_only_for_metrics_that_are_their_mean():
@@ -299,6 +361,14 @@ def test_rerun_keeps_finished_models_and_redoes_on_overwrite_or_new_settings(
     assert main(moved) == 0 and calls == [evaluated[2]["models"]["0"]]
     # said even with -q (which every command gets when stderr is not a terminal: in logs)
     assert "written before per-document values were kept" in capsys.readouterr().out
+    # a broken file is an error naming it, and --overwrite writes it again without reading it
+    calls.clear()
+    broken = run / "iter_2" / "alignment_tax.json"
+    broken.write_text(json.dumps({**json.loads(broken.read_text()), "per_document": []}))
+    assert main(moved) == 2  # a user error's exit status
+    assert "iter_2/alignment_tax.json, field 'per_document'" in capsys.readouterr().err
+    assert main([*moved, "--overwrite"]) == 0 and len(calls) == 2
+    assert isinstance(json.loads(broken.read_text())["per_document"], dict)
 
 
 def test_run_policies_finds_pi0_and_trained_iterations(evaluated, models):

@@ -407,7 +407,7 @@ def evaluate_policies(
     todo, notes = {}, []
     for t, model in sorted(models.items()):
         path = out.alignment_tax(t)
-        stored = _read_record(path) if path.is_file() else None
+        stored = _read_record(path) if path.is_file() and not overwrite else None
         mine = {**shared, "model": model_identity(model)}
         same = stored is not None and stored.get("settings") == mine
         if same and not overwrite and "per_document" in stored:
@@ -478,7 +478,28 @@ def _read_record(path: Path) -> dict[str, Any]:
             if not isinstance(score, dict) or _number(score.get("value")) is None:
                 raise PrefloopError(f"{path}, field 'scores.{task}.{metric}.value': expected "
                                     "a number")
+    if "per_document" in record:
+        _check_per_document(path, record["per_document"])
     return record
+
+
+def _check_per_document(path: Path, docs: Any) -> None:
+    """Raise on a `per_document` field that is not as `_per_document` writes it."""
+    redo = "(`prefloop alignment-tax --overwrite` writes the file again)"
+    if not isinstance(docs, dict):
+        raise PrefloopError(f"{path}, field 'per_document': expected {{task: {{'documents': "
+                            f"digest, metric: [[doc_id, value], …]}}}} {redo}")
+    for task, entry in docs.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("documents"), str):
+            raise PrefloopError(f"{path}, field 'per_document.{task}.documents': expected "
+                                f"the documents' digest {redo}")
+        for metric, values in entry.items():
+            if metric != "documents" and not (isinstance(values, list) and all(
+                    isinstance(v, list) and len(v) == 2 and isinstance(v[0], int)
+                    and not isinstance(v[0], bool) and _number(v[1]) is not None
+                    for v in values)):
+                raise PrefloopError(f"{path}, field 'per_document.{task}.{metric}': expected "
+                                    f"[[doc_id, number], …] {redo}")
 
 
 def load_results(run_dir: str | Path) -> dict[int, dict[str, Any]]:
@@ -490,22 +511,41 @@ def load_results(run_dir: str | Path) -> dict[int, dict[str, Any]]:
             if run.alignment_tax(t).is_file()}
 
 
+def _shared_settings(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (record.get("settings") or {}).items() if k != "model"}
+
+
+def other_settings(records: dict[int, dict[str, Any]]) -> list[int]:
+    """The iterations whose records were evaluated with other settings than the baseline's
+    (iteration 0: tasks, limit, few-shot count, task files, model arguments): `tax_rows`
+    does not compare them."""
+    if 0 not in records:
+        return []
+    base = _shared_settings(records[0])
+    return [t for t, r in sorted(records.items()) if _shared_settings(r) != base]
+
+
 def tax_rows(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, metric, iteration) of the baseline's (iteration 0) metrics::
+    """One row per (task, metric, iteration) of the baseline's (iteration 0) metrics, for
+    the records evaluated with the baseline's settings (`other_settings` lists the rest)::
 
         {"task", "metric", "iteration", "higher_is_better", "baseline", "baseline_stderr",
-         "value", "stderr", "delta", "delta_stderr", "delta_paired"}
+         "value", "stderr", "delta", "delta_stderr", "delta_paired", "other_documents"}
 
     delta = value − baseline. Both policies answer the same documents, so its stderr is
     paired by document where both records hold the metric's per-document values
     (`paired_stderr`; delta_paired true): sd(v_t − v_0)/√n. Otherwise (a corpus-level
     metric, a group, other documents) it is √(se₀² + se_t²), the scores taken as
     independent (usually an upper bound: the two policies' results on one document are
-    positively correlated), and null when either stderr is unknown. Iteration 0's own row
-    has delta 0 and no stderr. No baseline: no rows.
+    positively correlated), and null when either stderr is unknown. other_documents: both
+    records hold the task's documents' digest and they differ (the data set changed between
+    the two evaluations), so Δ compares different documents. Iteration 0's own row has
+    delta 0 and no stderr. No baseline: no rows.
     """
     if 0 not in records:
         return []
+    skipped = set(other_settings(records))
+    records = {t: r for t, r in records.items() if t not in skipped}
     rows = []
     base = records[0]["scores"]
     for task in sorted(base):
@@ -526,19 +566,27 @@ def tax_rows(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
                     "delta": score["value"] - b["value"],
                     "delta_stderr": delta_se if paired is None else paired,
                     "delta_paired": paired is not None,
+                    "other_documents": _other_documents(records[0], record, task),
                 })
     return rows
+
+
+def _task_documents(record: dict, task: str) -> dict:
+    docs = record.get("per_document")
+    found = docs.get(task) if isinstance(docs, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def _other_documents(base: dict, record: dict, task: str) -> bool:
+    digests = (_task_documents(base, task).get("documents"),
+               _task_documents(record, task).get("documents"))
+    return None not in digests and digests[0] != digests[1]
 
 
 def _paired(base: dict, record: dict, task: str, metric: str) -> float | None:
     """`paired_stderr` of a metric when both records hold its per-document values for the
     same documents (the same digest of their hashes), else None."""
-    def entry(r: dict) -> dict:
-        docs = r.get("per_document")
-        found = docs.get(task) if isinstance(docs, dict) else None
-        return found if isinstance(found, dict) else {}
-
-    task0, task_t = entry(base), entry(record)
+    task0, task_t = _task_documents(base, task), _task_documents(record, task)
     values0, values_t = task0.get(metric), task_t.get(metric)
     if (task0.get("documents") != task_t.get("documents")
             or not isinstance(values0, list) or not isinstance(values_t, list)):
@@ -548,12 +596,17 @@ def _paired(base: dict, record: dict, task: str, metric: str) -> float | None:
 
 def format_delta(row: dict[str, Any]) -> str:
     """`-0.0500 ± 0.0316` (4 decimals: lm_eval's scores are mostly in [0, 1]); a standard
-    error not paired by document is marked `(independent)`."""
+    error not paired by document is marked `(independent)`, a Δ over other documents than
+    π₀'s `(other documents than π₀'s)`."""
+    marks = []
     text = f"{row['delta']:+.4f}"
-    if row["delta_stderr"] is None:
-        return text
-    unpaired = row["iteration"] != 0 and not row.get("delta_paired")
-    return text + f" ± {row['delta_stderr']:.4f}" + (" (independent)" if unpaired else "")
+    if row["delta_stderr"] is not None:
+        text += f" ± {row['delta_stderr']:.4f}"
+        if row["iteration"] != 0 and not row.get("delta_paired"):
+            marks.append("independent")
+    if row.get("other_documents"):
+        marks.append("other documents than π₀'s")
+    return text + (f" ({'; '.join(marks)})" if marks else "")
 
 
 def format_score(value: float, stderr: float | None) -> str:

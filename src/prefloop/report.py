@@ -832,6 +832,7 @@ def _alignment_tax_html(runs: Sequence[RunData]) -> str:
         format_delta,
         format_score,
         load_results,
+        other_settings,
         shown_rows,
         tax_rows,
     )
@@ -842,6 +843,13 @@ def _alignment_tax_html(runs: Sequence[RunData]) -> str:
         if not records:
             continue
         parts.append(f"<h3>{html.escape(run.name)}</h3>")
+        skipped = other_settings(records)
+        if skipped:
+            parts.append('<p class="warn">Not compared with π₀: '
+                         + ", ".join(f"iter_{t}" for t in skipped)
+                         + ", evaluated with other settings than π₀'s (tasks, limit, few-shot "
+                         "count, task files or model arguments); run <code>prefloop "
+                         "alignment-tax</code> with one set of settings for both.</p>")
         rows = shown_rows(tax_rows(records))
         if not rows:
             parts.append("<p>No alignment_tax.json of iteration 0 (the baseline): run "
