@@ -61,9 +61,7 @@ def summary_rows(results, seeds) -> list[str]:
 def reward_right(result) -> str:
     """The testbed reward model's right-over-wrong share at equal word count
     (`testbed.reward_correctness`; the testbed check beside the story's)."""
-    from prefloop.demo import reward_right as measure
-
-    return f"{100 * measure(result.testbed.reward_model).pair_share:.1f} %"
+    return f"{100 * result.reward_right.pair_share:.1f} %"
 
 
 def run_rows(results, seeds) -> list[str]:
@@ -175,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.by_run and args.trainings > 1:
         parser.error("--trainings: not with --by-run (its table has one training per seed)")
     cfg = load_config(DemoConfig, None, args.overrides)
+    if args.trainings > 1 and cfg.training_seed is not None:
+        parser.error("--trainings: not with training_seed=… (the trainings' seeds are S, "
+                     "S + 1000, …)")
     cfg.out_dir = args.out
     if not args.progress:
         from transformers.utils import logging

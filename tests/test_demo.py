@@ -332,6 +332,20 @@ def test_demo_tables_puts_every_training_in_its_own_seed_directory(tmp_path, mon
     assert "| 4 | 40.0 ± 1.0 / 20.0 | 97.9 % | 50.0 ± 1.0 / ×1.50 |" in printed
 
 
+def test_demo_tables_refuses_a_training_seed_with_several_trainings(capsys):
+    """training_seed=7 with --trainings 2 ran training 0 with seed 7, training 1 with
+    S + 1000, and printed S as training 0's seed."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "demo_tables.py"
+    spec = importlib.util.spec_from_file_location("demo_tables", path)
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    with pytest.raises(SystemExit):
+        tables.main(["--seeds", "4", "--trainings", "2", "training_seed=7"])
+    assert "--trainings: not with training_seed=" in capsys.readouterr().err
+
+
 def test_training_seed_reseeds_only_the_loops_training(tmp_path):
     from prefloop.demo import PromptSets, _paths, run_config
 
@@ -417,10 +431,11 @@ def test_reward_correctness_compares_answers_of_equal_word_count():
 
 
 def test_starting_point_checks_the_reward_model_on_right_and_wrong_answers(reduced_demo):
-    from prefloop.demo import StartingPoint
+    from prefloop.demo import StartingPoint, reward_right
 
     cfg, result = reduced_demo
-    start = StartingPoint.of(Path(cfg.out_dir) / "idpo", result.testbed.reward_model)
+    assert result.reward_right == reward_right(result.testbed.reward_model)  # run_demo's
+    start = StartingPoint.of(Path(cfg.out_dir) / "idpo", result.reward_right)
     assert StartingPoint.of(Path(cfg.out_dir) / "idpo").reward_right is None
     assert start.reward_right.pairs == 672 and start.reward_right.cases == 96
     text, ok = start.checks()[-1]

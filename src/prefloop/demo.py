@@ -343,12 +343,14 @@ class DemoResult:
     metrics: dict[str, list[dict]]  # run name → one record per iteration (0 = SFT)
     report: Path
     seconds: float
+    # the testbed reward model's `testbed.reward_correctness`, measured once by `run_demo`
+    reward_right: testbed.RightOverWrong | None = None
 
     def checks(self) -> list[tuple[str, bool]]:
         """The testbed's checks (on the first run's SFT samples and the reward model),
         then the story's."""
         first_run = self.report.parent / next(iter(self.metrics))
-        return (StartingPoint.of(first_run, self.testbed.reward_model).checks()
+        return (StartingPoint.of(first_run, self.reward_right).checks()
                 + Outcome.of(self.metrics).checks())
 
 
@@ -376,7 +378,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True, echo=print) -> DemoResult:
                     f"{out / name}: holds a demo run made with other settings (or an earlier "
                     f"prefloop); give another --out, or delete {out}") from None
     report = write_report([out / name for name in cfg.runs], out / "report.html")
-    return DemoResult(bed, metrics, report, time.perf_counter() - start)
+    right = reward_right(bed.reward_model)
+    return DemoResult(bed, metrics, report, time.perf_counter() - start, right)
 
 
 COLUMNS = ("", "gold %", "reward", "tokens", "× SFT", "chars", "win rate", "LC win rate", "α")
@@ -427,9 +430,9 @@ class StartingPoint:
     reward_right: testbed.RightOverWrong | None = None
 
     @classmethod
-    def of(cls, run_dir: Path, reward_model: Path | None = None) -> StartingPoint:
-        """From a demo run's files; `reward_model` (the testbed's) adds its right/wrong
-        probe."""
+    def of(cls, run_dir: Path, right: testbed.RightOverWrong | None = None) -> StartingPoint:
+        """From a demo run's files, with the reward model's right/wrong probe when given
+        (`reward_right`)."""
         from scipy.stats import spearmanr
 
         from prefloop.data import read_jsonl
@@ -450,7 +453,7 @@ class StartingPoint:
         return cls(gold=100 * float(np.mean([r["gold"] for r in rows])),
                    length_cv=float(tokens.std() / tokens.mean()), spearman_correct=rho(1.0),
                    spearman_wrong=rho(0.0), longer_preferred=share, same_gold_pairs=n,
-                   reward_right=None if reward_model is None else reward_right(reward_model))
+                   reward_right=right)
 
     def checks(self) -> list[tuple[str, bool]]:
         return [
