@@ -360,6 +360,25 @@ def test_training_seed_reseeds_only_the_loops_training(tmp_path):
     assert replace(cfg, training_seed=1003).build_key() == cfg.build_key()  # same testbed
 
 
+def test_a_run_can_carry_the_loops_pairing_keys(tmp_path):
+    from prefloop.demo import PromptSets, _paths, run_config
+
+    bed, prompts = _paths(tmp_path / "bed"), PromptSets.at(tmp_path)
+    spec = {"name": "lr_dpo", "pairing": {"length_penalty": "auto"}}
+    cfg = DemoConfig(runs={"ilr-dpo-pairs": spec})
+    cfg.validate()
+    shaped = run_config(cfg, bed, prompts, tmp_path / "a", spec)
+    assert shaped.pairing.length_penalty == "auto" and shaped.loss.name == "lr_dpo"
+    assert spec == {"name": "lr_dpo", "pairing": {"length_penalty": "auto"}}  # not consumed
+    plain = run_config(cfg, bed, prompts, tmp_path / "a", {"name": "lr_dpo"})
+    assert plain.pairing.length_penalty == 0.0
+    for bad, message in (({"length_penalty": -1}, r"runs\.r\.pairing\.length_penalty"),
+                         ({"colour": 1}, r"runs\.r\.pairing\.colour"),
+                         ("auto", r"runs\.r\.pairing: expected a mapping")):
+        with pytest.raises(PrefloopError, match=message):
+            DemoConfig(runs={"r": {"name": "lr_dpo", "pairing": bad}}).validate()
+
+
 def test_export_refuses_a_non_empty_directory_before_building(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "build_testbed", lambda *a, **k: pytest.fail("built"))
     (tmp_path / "tb").mkdir()

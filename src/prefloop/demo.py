@@ -70,6 +70,8 @@ class DemoConfig:
     lr: float = 2e-4
     batch_size: int = 16
     epochs: float = 2.0
+    # run name → its loss keys (`loss.*` of the loop), plus optionally `pairing: {…}` (the
+    # loop's `pairing.*`, e.g. {length_penalty: auto}: length control at pair selection)
     runs: dict[str, dict] = field(default_factory=lambda: {
         "idpo": {"name": "dpo"},
         "ilr-dpo": {"name": "lr_dpo"},
@@ -110,6 +112,15 @@ class DemoConfig:
             if loss.get("name") not in LOSSES:
                 raise PrefloopError(f"runs.{name}.name: {loss.get('name')!r} is not a "
                                     f"registered loss ({', '.join(sorted(LOSSES))})")
+            if "pairing" in loss:
+                from prefloop.config import from_dict
+                from prefloop.pairing import PairingConfig
+
+                if not isinstance(loss["pairing"], dict):
+                    raise PrefloopError(f"runs.{name}.pairing: expected a mapping of the "
+                                        f"loop's pairing keys, got {loss['pairing']!r}")
+                key = f"runs.{name}.pairing"
+                from_dict(PairingConfig, loss["pairing"], f"{key}.").validate(key)
 
     def build_key(self) -> str:
         """Hash of what the cached models depend on (prompt sets are cheap and not cached)."""
@@ -306,8 +317,11 @@ def run_config(cfg: DemoConfig, bed: Testbed, prompts: PromptSets, run_dir: Path
     from prefloop.config import from_dict
     from prefloop.loop import RunConfig
 
+    loss = dict(loss)
+    pairing = loss.pop("pairing", {})
     run_cfg = from_dict(RunConfig, {
         "name": run_dir.name,
+        "pairing": pairing,
         "run_dir": str(run_dir),
         "policy": str(bed.sft),
         "iterations": cfg.iterations,
