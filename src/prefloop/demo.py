@@ -617,8 +617,8 @@ def over_trainings(outcomes: Sequence[Outcome], plain: str = "idpo",
     trainings; the length band must hold in every training at every iteration.
 
     One training's gold moves by several points with the training seed alone (on the
-    testbed, over five trainings of one seed iDPO's at t = 3 ranged over up to 16 points,
-    iLR-DPO's over up to 10.5), far more than the evaluation's standard error of ~1.2, so a
+    testbed, over ten trainings of one seed iDPO's at t = 3 ranged over up to 20 points,
+    iLR-DPO's over up to 17), far more than the evaluation's standard error of ~1.2, so a
     comparison of two single trainings mostly compares their draws.
 
     Raises:
