@@ -120,7 +120,9 @@ def paired_gap(outcomes: dict[int, list], last: int) -> str:
     testbed, prompts and training seed): mean ± its standard error, and how many trainings
     iLR-DPO ends behind. At t = 1 both runs train on the same pairs, so the difference there
     is the loss's alone."""
-    from statistics import mean, stdev
+    from statistics import mean
+
+    from prefloop.evaluate import mean_se
 
     outs = [o for seed_outs in outcomes.values() for o in seed_outs]
     parts = []
@@ -128,7 +130,8 @@ def paired_gap(outcomes: dict[int, list], last: int) -> str:
         gold = {name: [100 * o.runs[name][t - 1]["gold_accuracy"] for o in outs]
                 for name in ("idpo", "ilr-dpo")}
         gaps = [r - p for r, p in zip(gold["ilr-dpo"], gold["idpo"], strict=True)]
-        parts.append(f"t={t} {mean(gaps):+.1f} ± {stdev(gaps) / len(gaps) ** 0.5:.1f} "
+        gap, gap_se = mean_se(gaps)
+        parts.append(f"t={t} {gap:+.1f} ± {gap_se:.1f} "
                      f"({mean(gold['ilr-dpo']):.1f} vs {mean(gold['idpo']):.1f}, behind in "
                      f"{sum(g < 0 for g in gaps)})")
     return (f"- all {len(outcomes)} seeds × {len(outs) // len(outcomes)} trainings, iLR-DPO "

@@ -322,9 +322,9 @@ def paired_stderr(base: list, other: list) -> float | None:
         return None
     if a.keys() != b.keys() or len(a) < 2 or len(a) != len(base) or len(b) != len(other):
         return None
-    diffs = [b[d] - a[d] for d in a]
-    mean = sum(diffs) / len(diffs)
-    return math.sqrt(sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1) / len(diffs))
+    from prefloop.evaluate import mean_se
+
+    return mean_se([b[d] - a[d] for d in a])[1]
 
 
 def evaluate_model(cfg: TaxConfig, model: str) -> dict[str, Any]:

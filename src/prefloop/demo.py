@@ -624,7 +624,7 @@ def over_trainings(outcomes: Sequence[Outcome], plain: str = "idpo",
     Raises:
         ValueError: with fewer than two outcomes, or one without both runs.
     """
-    from statistics import mean, stdev
+    from prefloop.evaluate import mean_se
 
     if len(outcomes) < 2:
         raise ValueError("over_trainings: needs ≥ 2 trainings")
@@ -633,8 +633,7 @@ def over_trainings(outcomes: Sequence[Outcome], plain: str = "idpo",
                          f"{regularised}")
 
     def pooled(values: list[float]) -> tuple[float, float, str]:
-        shown = ", ".join(f"{v:.1f}" for v in values)
-        return mean(values), stdev(values) / math.sqrt(len(values)), shown
+        return *mean_se(values), ", ".join(f"{v:.1f}" for v in values)
 
     sft_gold = outcomes[0].sft_gold[0]
     growth, growth_se, _ = pooled([o.ratio(o.runs[plain][-1])[0] for o in outcomes])

@@ -106,8 +106,9 @@ def _as_1d(name: str, values: ArrayLike, n: int | None = None) -> np.ndarray:
     return arr
 
 
-def _mean_se(x: np.ndarray) -> tuple[float, float]:
+def mean_se(values: ArrayLike) -> tuple[float, float]:
     """Mean and standard error std(x, ddof=1)/√n (0 when n = 1)."""
+    x = np.asarray(values, dtype=np.float64)
     se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
     return float(x.mean()), se
 
@@ -172,8 +173,8 @@ def win_rate(scores_a: ArrayLike, scores_b: ArrayLike) -> WinRate:
     standard error ``std(ddof=1)/√n · 100`` (0 for a single prompt). A model against itself
     (equal scores) gets exactly 50 ± 0.
     """
-    soft, soft_se = _mean_se(preferences(scores_a, scores_b, "soft"))
-    hard, hard_se = _mean_se(preferences(scores_a, scores_b, "hard"))
+    soft, soft_se = mean_se(preferences(scores_a, scores_b, "soft"))
+    hard, hard_se = mean_se(preferences(scores_a, scores_b, "hard"))
     return WinRate(
         soft=100.0 * soft,
         soft_se=100.0 * soft_se,
@@ -192,8 +193,8 @@ def win_rate_from_preferences(preference: ArrayLike) -> WinRate:
     :func:`win_rate`, whose ``soft`` is this function's on p_i = σ(s_A,i − s_B,i).
     """
     p = _preference_array("preference", preference)
-    soft, soft_se = _mean_se(p)
-    hard, hard_se = _mean_se((p > 0.5).astype(np.float64) + 0.5 * (p == 0.5))
+    soft, soft_se = mean_se(p)
+    hard, hard_se = mean_se((p > 0.5).astype(np.float64) + 0.5 * (p == 0.5))
     return WinRate(soft=100.0 * soft, soft_se=100.0 * soft_se, hard=100.0 * hard,
                    hard_se=100.0 * hard_se, n=int(p.size))
 
@@ -703,7 +704,7 @@ def kl_estimate(policy_logps: ArrayLike, initial_logps: ArrayLike) -> tuple[floa
     """
     lp = _as_1d("policy_logps", policy_logps)
     l0 = _as_1d("initial_logps", initial_logps, lp.size)
-    return _mean_se(lp - l0)
+    return mean_se(lp - l0)
 
 
 # ---------------------------------------------------------------------------- response rows
