@@ -453,7 +453,7 @@ def test_starting_point_checks_the_reward_model_on_right_and_wrong_answers(reduc
     from prefloop.demo import StartingPoint, reward_right
 
     cfg, result = reduced_demo
-    assert result.reward_right == reward_right(result.testbed.reward_model)  # run_demo's
+    assert result.reward_right == reward_right(result.testbed.reward_model)  # measured on first use
     start = StartingPoint.of(Path(cfg.out_dir) / "idpo", result.reward_right)
     assert StartingPoint.of(Path(cfg.out_dir) / "idpo").reward_right is None
     assert start.reward_right.pairs == 672 and start.reward_right.cases == 96

@@ -18,6 +18,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -357,8 +358,12 @@ class DemoResult:
     metrics: dict[str, list[dict]]  # run name → one record per iteration (0 = SFT)
     report: Path
     seconds: float
-    # the testbed reward model's `testbed.reward_correctness`, measured once by `run_demo`
-    reward_right: testbed.RightOverWrong | None = None
+
+    @cached_property
+    def reward_right(self) -> testbed.RightOverWrong:
+        """The testbed reward model's `testbed.reward_correctness`, measured on first use
+        (the extra trainings of `demo_tables.py --trainings` never ask for it)."""
+        return reward_right(self.testbed.reward_model)
 
     def checks(self) -> list[tuple[str, bool]]:
         """The testbed's checks (on the first run's SFT samples and the reward model),
@@ -392,8 +397,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, echo=print) -> DemoResult:
                     f"{out / name}: holds a demo run made with other settings (or an earlier "
                     f"prefloop); give another --out, or delete {out}") from None
     report = write_report([out / name for name in cfg.runs], out / "report.html")
-    right = reward_right(bed.reward_model)
-    return DemoResult(bed, metrics, report, time.perf_counter() - start, right)
+    return DemoResult(bed, metrics, report, time.perf_counter() - start)
 
 
 COLUMNS = ("", "gold %", "reward", "tokens", "× SFT", "chars", "win rate", "LC win rate", "α")
