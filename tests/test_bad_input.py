@@ -374,8 +374,10 @@ def _run_args(models, tmp_path: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def test_resume_with_a_changed_config_is_refused(models, tmp_path, capsys):
-    from prefloop.config import dump_yaml
+    import yaml
+
     from prefloop.loop import load_run_config
+    from prefloop.loop.rundir import recorded_config
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -383,15 +385,18 @@ def test_resume_with_a_changed_config_is_refused(models, tmp_path, capsys):
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
     argv = _run_args(models, tmp_path, run_dir)
     started = load_run_config(None, [a for a in argv[1:] if "=" in a] + ["training.lr=0.5"])
-    (run_dir / "config.yaml").write_text(dump_yaml(started))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded_config(started)))
     fails(capsys, [*argv, "--resume"], str(run_dir), "config differs", "training.lr: 0.5 →",
           "--redo-from")
     assert json.loads((run_dir / "manifest.json").read_text()) == manifest
 
 
 def test_unfinished_run_needs_resume(models, tmp_path, capsys):
-    from prefloop.config import config_hash, dump_yaml
+    import yaml
+
+    from prefloop.config import config_hash
     from prefloop.loop import load_run_config
+    from prefloop.loop.rundir import recorded_config
 
     run_dir = tmp_path / "run"
     argv = _run_args(models, tmp_path, run_dir)
@@ -399,7 +404,7 @@ def test_unfinished_run_needs_resume(models, tmp_path, capsys):
     run_dir.mkdir()
     (run_dir / "manifest.json").write_text(json.dumps({"config_hash": config_hash(cfg),
                                                        "stages": {}}))
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded_config(cfg)))
     fails(capsys, argv, "an unfinished run is already here", "--resume")
 
 

@@ -332,13 +332,12 @@ def test_a_redo_without_the_guard_leaves_no_probe_of_the_guarded_training(world,
 def test_a_run_recorded_before_the_guard_continues_without_it(tmp_path):
     import yaml
 
-    from prefloop.config import to_dict
-    from prefloop.loop.rundir import RunDir, config_changes
+    from prefloop.loop.rundir import RunDir, config_changes, recorded_config
 
     old = tmp_path / "old"
     old.mkdir()
     cfg = _run_cfg("loss.name=lr_dpo", f"run_dir={old}")
-    recorded = to_dict(cfg)
+    recorded = recorded_config(cfg)
     del recorded["length_guard"]
     (old / "config.yaml").write_text(yaml.safe_dump(recorded))
     # today's default (the guard on) is a change for a run that ran without it …
@@ -349,6 +348,33 @@ def test_a_run_recorded_before_the_guard_continues_without_it(tmp_path):
     assert config_changes(RunDir(old), loaded)[0] == []
     off = _run_cfg("loss.name=lr_dpo", f"run_dir={old}", "length_guard.attempts=0")
     assert config_changes(RunDir(old), off)[0] == []
+
+
+def test_a_run_recorded_before_the_anchor_continues_without_it(tmp_path):
+    """lr_dpo's chosen-response anchor (loss.lam, default 5) came after runs that trained
+    without it: resuming one with today's default must be refused as a change, and the run
+    directory alone continues it with λ = 0."""
+    import yaml
+
+    from prefloop.loop.rundir import RunDir, config_changes, recorded_config
+
+    old = tmp_path / "old"
+    old.mkdir()
+    cfg = _run_cfg("loss.name=lr_dpo", f"run_dir={old}")
+    recorded = recorded_config(cfg)
+    assert recorded["loss"]["lam"] == 5.0  # a new run records the anchor in force
+    del recorded["loss"]["lam"]
+    (old / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert config_changes(RunDir(old), cfg)[0] == ["loss.lam: 0.0 → 5.0"]
+    loaded = load_run_config(str(old))
+    assert loaded.loss.params["lam"] == 0.0
+    assert config_changes(RunDir(old), loaded)[0] == []
+    # a run of another loss has no anchor to fill in
+    dpo = _run_cfg("loss.name=dpo", f"run_dir={old}")
+    (old / "config.yaml").write_text(yaml.safe_dump(recorded_config(dpo)))
+    assert "lam" not in recorded_config(dpo)["loss"]
+    assert load_run_config(str(old)).loss.name == "dpo"
+    assert config_changes(RunDir(old), dpo)[0] == []
 
 
 def test_a_run_extended_over_a_grown_prompt_file_keeps_its_probe(world, tmp_path):

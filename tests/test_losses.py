@@ -110,8 +110,17 @@ def test_dpo_values():
 
 def test_lr_dpo_values():
     # z = β·h + α·(|y_w| − |y_l|) = [0.3, -0.3] + 0.01·[40, -60] = [0.3 + 0.4, -0.3 - 0.6]
-    out = compute_loss("lr_dpo", example(), beta=0.1, alpha=0.01)
+    out = compute_loss("lr_dpo", example(), beta=0.1, alpha=0.01, lam=0.0)
     check(out, [nls(0.7), nls(-0.9)])
+
+
+def test_lr_dpo_anchor_values():
+    # anchor = max(0, lr_w − lp_w) = [0, 1] (the second chosen fell below its reference)
+    # z = β·(h − λ·anchor) + α·Δlen = 0.1·[3 − 0, −3 − 5] + 0.01·[40, −60] = [0.7, −1.4]
+    out = compute_loss("lr_dpo", example(), beta=0.1, alpha=0.01, lam=5.0)
+    check(out, [nls(0.7), nls(-1.4)])
+    # λ = 5 is the default
+    check(compute_loss("lr_dpo", example(), beta=0.1, alpha=0.01), [nls(0.7), nls(-1.4)])
 
 
 def test_cdpo_values():
@@ -267,7 +276,7 @@ def random_logps(n: int = 64, seed: int = 0, dtype=torch.float32) -> PreferenceL
 @pytest.mark.parametrize(
     ("name", "params"),
     [
-        ("lr_dpo", {"alpha": 0.0}),
+        ("lr_dpo", {"alpha": 0.0, "lam": 0.0}),
         ("cdpo", {"epsilon": 0.0}),
         ("rdpo", {"epsilon": 0.0}),
         ("dadpo", {"gamma": 0.0}),
@@ -642,11 +651,43 @@ def test_dpo_swap_gives_negative_margin(lp_w, lp_l, lr_w, lr_l, beta):
 )  # fmt: skip
 def test_lr_dpo_is_dpo_at_shifted_margin(lp_w, lp_l, lr_w, lr_l, beta, alpha, len_w, len_l):
     lengths = {"chosen_lengths": t(len_w), "rejected_lengths": t(len_l)}
-    lr = compute_loss("lr_dpo", pair(lp_w, lp_l, lr_w, lr_l, **lengths), beta=beta, alpha=alpha)
+    lr = compute_loss("lr_dpo", pair(lp_w, lp_l, lr_w, lr_l, **lengths), beta=beta, alpha=alpha,
+                      lam=0.0)
     # h + (α/β)·Δlen, realised by shifting lp(y_w)
     shift = alpha / beta * (len_w - len_l)
     dpo = compute_loss("dpo", pair(lp_w + shift, lp_l, lr_w, lr_l), beta=beta)
     torch.testing.assert_close(lr.losses, dpo.losses, rtol=1e-9, atol=1e-9)
+
+
+@FAST
+@given(
+    lp_w=finite, lp_l=finite, lr_w=finite, lr_l=finite, beta=betas,
+    lam=st.floats(min_value=0.0, max_value=50.0), len_w=st.integers(1, 3000),
+)  # fmt: skip
+def test_lr_dpo_without_length_margin_is_dpop(lp_w, lp_l, lr_w, lr_l, beta, lam, len_w):
+    lengths = {"chosen_lengths": t(len_w), "rejected_lengths": t(len_w + 7)}
+    lr = compute_loss("lr_dpo", pair(lp_w, lp_l, lr_w, lr_l, **lengths), beta=beta, alpha=0.0,
+                      lam=lam)
+    dpop = compute_loss("dpop", pair(lp_w, lp_l, lr_w, lr_l), beta=beta, lam=lam)
+    torch.testing.assert_close(lr.losses, dpop.losses, rtol=1e-9, atol=1e-9)
+
+
+def test_lr_dpo_anchor_pulls_a_fallen_chosen_back_up():
+    # A long winner (α·Δlen = 3 already "wins" the pair) whose log-probability fell 2 nats
+    # below the reference, while the loser fell further (h = 1 > 0). Without the anchor the
+    # loss barely cares (σ(−3.1) ≈ 0.04); with it the chosen is pulled up ~13× harder.
+    def logps():
+        return PreferenceLogps(
+            policy_chosen=t(-22.0).requires_grad_(), policy_rejected=t(-23.0).requires_grad_(),
+            ref_chosen=t(-20.0), ref_rejected=t(-20.0), chosen_lengths=t(130.0),
+            rejected_lengths=t(30.0))
+
+    free = -grad_wrt_chosen("lr_dpo", logps(), beta=0.1, alpha=0.03, lam=0.0).item()
+    anchored = -grad_wrt_chosen("lr_dpo", logps(), beta=0.1, alpha=0.03, lam=5.0).item()
+    # ∂L/∂lp_w = −β·(1 + λ·[lp_w < lr_w])·σ(−z): z = 0.1 + 3 = 3.1 free, 0.1 − 1 + 3 = 2.1
+    assert free == pytest.approx(0.1 * torch.sigmoid(t(-3.1)).item(), rel=1e-9)
+    assert anchored == pytest.approx(0.1 * 6 * torch.sigmoid(t(-2.1)).item(), rel=1e-9)
+    assert anchored > 10 * free
 
 
 @FAST

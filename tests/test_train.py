@@ -159,7 +159,8 @@ def test_auto_alpha_trains_with_the_length_neutral_alpha_of_the_pairs(model_dir,
     # every step trained with it, and the records say so (β: the loss's default)
     assert used and all(p["alpha"] == pytest.approx(expected, rel=1e-9) for p in used)
     summary = json.loads((result.output_dir / "train_summary.json").read_text())
-    assert summary["loss_params"] == pytest.approx({"beta": 0.1, "alpha": expected}, rel=1e-9)
+    assert summary["loss_params"] == pytest.approx({"beta": 0.1, "alpha": expected, "lam": 5.0},
+                                                   rel=1e-9)
     assert result.loss_params == summary["loss_params"]
 
 

@@ -200,22 +200,34 @@ def dpo_loss(logps: PreferenceLogps, *, beta: float = 0.1) -> LossOutput:
     return _beta_rewards(_nll_sigmoid(beta * h), beta, d_w, d_l)
 
 
-def lr_dpo_loss(logps: PreferenceLogps, *, beta: float = 0.1, alpha: float = 0.01) -> LossOutput:
-    """Length-regularised DPO (LR-DPO, the loss of iLR-DPO), identical in form to R-DPO.
+def lr_dpo_loss(logps: PreferenceLogps, *, beta: float = 0.1, alpha: float = 0.01,
+                lam: float = 5.0) -> LossOutput:
+    """Length-regularised DPO (LR-DPO, the loss of iLR-DPO): R-DPO's length margin, and by
+    default DPOP's anchor on the chosen response.
 
     Liu et al. 2024, "Iterative Length-Regularized Direct Preference Optimization",
     arXiv:2406.11817; Park et al. 2024, "Disentangling Length from Quality in Direct Preference
-    Optimization" (R-DPO), arXiv:2403.19159.
+    Optimization" (R-DPO), arXiv:2403.19159; the anchor: Pal et al. 2024, "Smaug" (DPOP),
+    arXiv:2402.13228.
 
     .. math::
 
-        L = −\\log σ\\big(β·h + α·(|y_w| − |y_l|)\\big),\\qquad α ≥ 0
+        L = −\\log σ\\big(β·[h − λ·\\max(0,\\ lr(y_w) − lp(y_w))] + α·(|y_w| − |y_l|)\\big),
+        \\qquad α, λ ≥ 0
 
-    Derivation: the optimal policy maximises ``r_RM(x, y) − α|y|`` under the KL constraint,
-    so ``r_RM = β·Δ + α|y| + const``; substituting into the Bradley–Terry likelihood of the
-    reward model's preference gives the loss. Sign: when the winner is longer the length term
-    is already positive, the sigmoid saturates sooner and the loss pushes *less* toward the
-    longer winner, so training does not reward verbosity. ``α = 0`` is exactly DPO.
+    Derivation of the margin: the optimal policy maximises ``r_RM(x, y) − α|y|`` under the KL
+    constraint, so ``r_RM = β·Δ + α|y| + const``; substituting into the Bradley–Terry
+    likelihood of the reward model's preference gives the loss at λ = 0 (the papers' LR-DPO).
+    Sign: when the winner is longer the length term is already positive, the sigmoid saturates
+    sooner and the loss pushes *less* toward the longer winner, so training does not reward
+    verbosity. ``α = λ = 0`` is exactly DPO; ``α = 0`` is DPOP; ``λ = 0`` is R-DPO.
+
+    The anchor (λ, prefloop's default 5; 0 for the papers' loss) is zero while the policy gives
+    the chosen response at least its reference log-probability. It is there because the
+    margin lets a pair be "won" with h < 0 once α·d is large: at the α that holds the length,
+    iterative LR-DPO ended with h < 0 on 19–34 % of its longer-winner pairs (iDPO: 8 %), its
+    chosen log-probabilities fell, and some iterations collapsed into malformed answers
+    (examples/word_forms; README, "The chosen-response anchor").
 
     Args:
         logps: needs ``policy_*``, ``ref_*`` and ``chosen_lengths``/``rejected_lengths``
@@ -223,14 +235,18 @@ def lr_dpo_loss(logps: PreferenceLogps, *, beta: float = 0.1, alpha: float = 0.0
         beta: as in DPO. Default 0.1.
         alpha: length penalty per unit of length. Typical range 0.005–0.05 per token; the
             default 0.01 is *unverified* against the paper's value (use a smaller α when
-            lengths are in characters).
+            lengths are in characters). The loop's length control sets α itself unless
+            ``loss.length_control.mode=fixed``.
+        lam: weight λ of the anchor, ``λ ≥ 0``. Default 5.
 
     Returns:
         ``LossOutput(losses, β·Δ(y_w), β·Δ(y_l))``: rewards are the DPO ones, without the
-        length term.
+        length term or the anchor.
     """
     d_w, d_l, h = _margin(logps)
     length_gap = logps.chosen_lengths - logps.rejected_lengths
+    if lam:
+        h = h - lam * torch.relu(logps.ref_chosen - logps.policy_chosen)
     return _beta_rewards(_nll_sigmoid(beta * h + alpha * length_gap), beta, d_w, d_l)
 
 

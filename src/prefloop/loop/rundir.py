@@ -314,15 +314,46 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 # today's default. Continuing such a run keeps that value (load_run_config fills it in), and
 # today's default counts as a change.
 LEGACY_VALUES = {"length_guard.attempts": 0}
+# The same for a loss's parameters, per loss: a parameter added with a default that changes
+# what the loss computes. A run of that loss records today's value in its config.yaml
+# (`recorded_config`), so that a later change of the default is seen too.
+LEGACY_LOSS_PARAMS = {"lr_dpo": {"lam": 0.0}}  # the chosen-response anchor (DPOP's λ)
+
+
+def recorded_config(cfg: Any) -> dict:
+    """The config as a run directory records it: `to_dict(cfg)` with the loss's
+    `LEGACY_LOSS_PARAMS` at their values in force (given, else the loss's default)."""
+    from prefloop.config import to_dict
+    from prefloop.losses import LOSSES
+
+    out = to_dict(cfg)
+    loss = out.get("loss")
+    if isinstance(loss, dict) and loss.get("name") in LEGACY_LOSS_PARAMS:
+        defaults = LOSSES[loss["name"]].defaults
+        for param in LEGACY_LOSS_PARAMS[loss["name"]]:
+            loss.setdefault(param, defaults[param])
+    return out
+
+
+def _legacy(recorded: dict) -> dict:
+    """The `LEGACY_VALUES` and `LEGACY_LOSS_PARAMS` keys (flat) that a recorded config lacks,
+    with the values its run was made with."""
+    from prefloop.config import LossConfig
+
+    name = recorded.get("loss.name", LossConfig.name)
+    values = {**LEGACY_VALUES,
+              **{f"loss.{k}": v for k, v in LEGACY_LOSS_PARAMS.get(name, {}).items()}}
+    return {k: v for k, v in values.items() if k not in recorded}
 
 
 def legacy_overrides(config_path: Path) -> list[str]:
-    """`key=value` for every `LEGACY_VALUES` key the recorded config at `config_path` lacks:
-    what continuing that run as it was needs on top of today's defaults."""
+    """`key=value` for every `LEGACY_VALUES` key (and `LEGACY_LOSS_PARAMS` parameter of its
+    loss) the recorded config at `config_path` lacks: what continuing that run as it was
+    needs on top of today's defaults."""
     import yaml
 
     recorded = _flatten(yaml.safe_load(config_path.read_text()) or {})
-    return [f"{k}={v}" for k, v in LEGACY_VALUES.items() if k not in recorded]
+    return [f"{k}={v}" for k, v in _legacy(recorded).items()]
 
 
 def config_changes(run: RunDir, cfg: Any) -> tuple[list[str], int]:
@@ -339,8 +370,9 @@ def config_changes(run: RunDir, cfg: Any) -> tuple[list[str], int]:
         raise PrefloopError(f"{run.root}: has manifest.json but no config.yaml; the run "
                             "directory is damaged (use a new run_dir)")
     recorded = _flatten(yaml.safe_load(run.config.read_text()) or {})
-    current = _flatten(to_dict(cfg))
-    defaults = {**_flatten(to_dict(type(cfg)())), **LEGACY_VALUES}
+    recorded.update(_legacy(recorded))
+    current = _flatten(recorded_config(cfg))
+    defaults = _flatten(to_dict(type(cfg)()))
     recorded.update({k: defaults[k] for k in current if k not in recorded and k in defaults})
     changes = [f"{k}: {recorded.get(k, '(unset)')} → {current.get(k, '(unset)')}"
                for k in sorted(set(recorded) | set(current))
@@ -395,7 +427,9 @@ def open_run(run: RunDir, cfg: Any, procs: Any, resume: bool, redo_from: str | N
     with the same config (`resume`, or a finished one re-read), is extended (more
     `iterations`), or is redone from a stage (`redo_from`, which may change the config).
     Every process checks alike; the main one writes."""
-    from prefloop.config import config_hash, dump_yaml
+    import yaml
+
+    from prefloop.config import config_hash
 
     digest = config_hash(cfg)
     # every process refuses alike (a raise on the main one alone would leave the others
@@ -406,7 +440,7 @@ def open_run(run: RunDir, cfg: Any, procs: Any, resume: bool, redo_from: str | N
         if procs.is_main:
             try:
                 run.root.mkdir(parents=True, exist_ok=True)
-                io.write_text(run.config, dump_yaml(cfg))
+                io.write_text(run.config, yaml.safe_dump(recorded_config(cfg), sort_keys=False))
             except OSError as e:
                 raise PrefloopError(f"{run.root}: cannot write the run directory ({e})") \
                     from None
@@ -429,6 +463,6 @@ def open_run(run: RunDir, cfg: Any, procs: Any, resume: bool, redo_from: str | N
         manifest.data.pop("finished", None)
         manifest.data["config_hash"] = digest
         manifest.save()
-        io.write_text(run.config, dump_yaml(cfg))
+        io.write_text(run.config, yaml.safe_dump(recorded_config(cfg), sort_keys=False))
     procs.barrier()
     return Manifest.load(run.manifest)
