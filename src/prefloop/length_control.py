@@ -45,6 +45,10 @@ the run's pairs, times L̄_s, is ``L̂_k``. In the loop, π_s is π_{t−1}, L̄
 iteration t's samples and L* on iteration 1's (π₀'s) unless ``length_control.target`` is
 given. Under ``prefloop train`` (no samples), L̄_s is the pairs' mean response length.
 
+The root and the estimate leave out lr_dpo's chosen-response anchor (``loss.lam``): it is
+zero while the chosen answers keep their reference log-probabilities, the regime it holds
+the policy in.
+
 The estimate uses h = Δ_w − Δ_l with the reference log-probs the loss uses; in the loop the
 reference is π_s (``reference: previous``, the paper's), for which it is the estimate above.
 With ``reference: initial`` h also carries earlier iterations' changes: a known bias.
