@@ -154,6 +154,13 @@ def _margin(logps: PreferenceLogps) -> tuple[Tensor, Tensor, Tensor]:
     return d_w, d_l, d_w - d_l
 
 
+def _anchored(h: Tensor, logps: PreferenceLogps, lam: float) -> Tensor:
+    """DPOP's margin ``h − λ·max(0, lr(y_w) − lp(y_w))`` (``h`` itself at λ = 0, exactly)."""
+    if not lam:
+        return h
+    return h - lam * torch.relu(logps.ref_chosen - logps.policy_chosen)
+
+
 def _nll_sigmoid(z: Tensor) -> Tensor:
     """−log σ(z), finite with a finite gradient for every finite z."""
     return -F.logsigmoid(z)
@@ -246,9 +253,8 @@ def lr_dpo_loss(logps: PreferenceLogps, *, beta: float = 0.1, alpha: float = 0.0
     """
     d_w, d_l, h = _margin(logps)
     length_gap = logps.chosen_lengths - logps.rejected_lengths
-    if lam:
-        h = h - lam * torch.relu(logps.ref_chosen - logps.policy_chosen)
-    return _beta_rewards(_nll_sigmoid(beta * h + alpha * length_gap), beta, d_w, d_l)
+    return _beta_rewards(_nll_sigmoid(beta * _anchored(h, logps, lam) + alpha * length_gap),
+                         beta, d_w, d_l)
 
 
 def length_neutral_alpha(length_gaps: Tensor, margins: Tensor | None = None) -> float:
@@ -447,8 +453,7 @@ def dpop_loss(logps: PreferenceLogps, *, beta: float = 0.1, lam: float = 50.0) -
         ``LossOutput(losses, β·Δ(y_w), β·Δ(y_l))``.
     """
     d_w, d_l, h = _margin(logps)
-    penalty = torch.relu(logps.ref_chosen - logps.policy_chosen)
-    return _beta_rewards(_nll_sigmoid(beta * (h - lam * penalty)), beta, d_w, d_l)
+    return _beta_rewards(_nll_sigmoid(beta * _anchored(h, logps, lam)), beta, d_w, d_l)
 
 
 def nca_pair_loss(logps: PreferenceLogps, *, beta: float = 0.1) -> LossOutput:
@@ -830,6 +835,13 @@ def get_loss(name: str) -> LossSpec:
         raise ValueError(f"unknown loss {name!r}{hint}; valid losses: {', '.join(valid)}") from None
 
 
+def broken_rule(param: str, value: float) -> str | None:
+    """The range rule of a loss parameter that `value` breaks (e.g. ">= 0"), None when it is
+    finite and in range."""
+    check, rule = _PARAM_RULES[param]
+    return None if math.isfinite(value) and check(value) else rule
+
+
 def _check_params(spec: LossSpec, params: Mapping[str, object]) -> dict[str, float]:
     """Defaults merged with ``params``, every value a finite float in its valid range."""
     unknown = sorted(set(params) - set(spec.defaults))
@@ -848,8 +860,8 @@ def _check_params(spec: LossSpec, params: Mapping[str, object]) -> dict[str, flo
                 f"got {type(value).__name__} {value!r}"
             )
         value = float(value)
-        check, rule = _PARAM_RULES[key]
-        if not (math.isfinite(value) and check(value)):
+        rule = broken_rule(key, value)
+        if rule:
             raise ValueError(f"loss {spec.name!r}: parameter {key} must be {rule}, got {value!r}")
         merged[key] = value
     return merged

@@ -316,7 +316,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 LEGACY_VALUES = {"length_guard.attempts": 0}
 # The same for a loss's parameters, per loss: a parameter added with a default that changes
 # what the loss computes. A run of that loss records today's value in its config.yaml
-# (`recorded_config`), so that a later change of the default is seen too.
+# (`recorded_config`), so that a later change of the default is seen too. Only these are
+# filled in, not every parameter of the loss: a recorded `alpha` would turn lr_dpo's length
+# control to the fixed mode when the run continues from its directory.
 LEGACY_LOSS_PARAMS = {"lr_dpo": {"lam": 0.0}}  # the chosen-response anchor (DPOP's λ)
 
 
@@ -333,6 +335,12 @@ def recorded_config(cfg: Any) -> dict:
         for param in LEGACY_LOSS_PARAMS[loss["name"]]:
             loss.setdefault(param, defaults[param])
     return out
+
+
+def _config_text(cfg: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(recorded_config(cfg), sort_keys=False)
 
 
 def _legacy(recorded: dict) -> dict:
@@ -427,8 +435,6 @@ def open_run(run: RunDir, cfg: Any, procs: Any, resume: bool, redo_from: str | N
     with the same config (`resume`, or a finished one re-read), is extended (more
     `iterations`), or is redone from a stage (`redo_from`, which may change the config).
     Every process checks alike; the main one writes."""
-    import yaml
-
     from prefloop.config import config_hash
 
     digest = config_hash(cfg)
@@ -440,7 +446,7 @@ def open_run(run: RunDir, cfg: Any, procs: Any, resume: bool, redo_from: str | N
         if procs.is_main:
             try:
                 run.root.mkdir(parents=True, exist_ok=True)
-                io.write_text(run.config, yaml.safe_dump(recorded_config(cfg), sort_keys=False))
+                io.write_text(run.config, _config_text(cfg))
             except OSError as e:
                 raise PrefloopError(f"{run.root}: cannot write the run directory ({e})") \
                     from None
@@ -463,6 +469,6 @@ def open_run(run: RunDir, cfg: Any, procs: Any, resume: bool, redo_from: str | N
         manifest.data.pop("finished", None)
         manifest.data["config_hash"] = digest
         manifest.save()
-        io.write_text(run.config, yaml.safe_dump(recorded_config(cfg), sort_keys=False))
+        io.write_text(run.config, _config_text(cfg))
     procs.barrier()
     return Manifest.load(run.manifest)
