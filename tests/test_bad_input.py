@@ -363,6 +363,19 @@ def test_length_penalty_that_is_not_a_number(tmp_path, capsys):
                    str(tmp_path / "p.jsonl")], "--length-penalty", "'lots'")
 
 
+@pytest.mark.parametrize(("override", "rule"), [
+    ("loss.lam=-1", "loss.lam: must be >= 0, got -1"),
+    ("loss.beta=0", "loss.beta: must be > 0, got 0"),
+])
+def test_a_loss_parameter_out_of_range_stops_the_run_before_it_starts(models, tmp_path, capsys,
+                                                                     override, rule):
+    """Refused when the config is read (it was refused only at the first train stage, after
+    the sampling), and no run directory is made."""
+    run_dir = tmp_path / "run"
+    fails(capsys, _run_args(models, tmp_path, run_dir, override), rule)
+    assert not run_dir.exists()
+
+
 # ---------------------------------------------------------------- the loop's run directory
 
 

@@ -95,7 +95,7 @@ class LossConfig:
 
     def validate(self, key: str = "loss") -> None:
         """The loss name, its parameters against the registry, and the length control."""
-        from prefloop.losses import LOSSES
+        from prefloop.losses import LOSSES, broken_rule
 
         if self.name not in LOSSES:
             raise PrefloopError(f"{key}.name: unknown loss {self.name!r}; valid losses: "
@@ -115,6 +115,9 @@ class LossConfig:
                 )
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise PrefloopError(f"{key}.{param}: expected a number, got {value!r}")
+            rule = broken_rule(param, float(value))
+            if rule:
+                raise PrefloopError(f"{key}.{param}: must be {rule}, got {value!r}")
         if self.auto_alpha and self.name != "lr_dpo":
             raise PrefloopError(f"{key}.auto_alpha: only for lr_dpo (the length margin's α), "
                                 f"not {self.name!r}")
